@@ -1,0 +1,40 @@
+# Set-up is automatic: the first target that needs the venv creates it.
+# TORCH: the CPU wheel on this machine; on a GPU node use e.g. `make TORCH=torch test`.
+VENV  ?= .venv
+TORCH ?= torch==2.13.0
+PY    := $(VENV)/bin/python
+BIN   := $(VENV)/bin
+export QUANTSTUDY_DATA ?= $(abspath ../shared/data)
+
+.PHONY: venv test check-sync nbtest pytest smoke clean
+
+$(VENV)/.installed: setup.py settings.ini
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)           # torch first, so nothing pulls a CUDA build
+	$(BIN)/pip install -q -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+venv: $(VENV)/.installed
+
+## test: notebooks and library in sync, notebook tests, pytest
+test: check-sync nbtest pytest
+
+check-sync: venv
+	@before=$$(git status --porcelain -- nbs quantstudy | sha256sum; git diff -- nbs quantstudy | sha256sum); \
+	$(BIN)/nbdev_clean && $(BIN)/nbdev_export; \
+	after=$$(git status --porcelain -- nbs quantstudy | sha256sum; git diff -- nbs quantstudy | sha256sum); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "nbdev_clean/nbdev_export changed nbs/ or quantstudy/: run them and commit the result"; \
+	  git status --short -- nbs quantstudy; exit 1; fi; \
+	echo "nbs/ and quantstudy/ are in sync"
+
+nbtest: venv
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: venv
+	$(BIN)/pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
