@@ -30,6 +30,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['quantstudy', 'quantstudy.*']),
     include_package_data=True,
+    package_data={'quantstudy': ['tasks/*.yaml']},
     install_requires=reqs('requirements'),
     extras_require={'dev': reqs('dev_requirements'), 'gpu': reqs('gpu_requirements'),
                     'slurm': reqs('slurm_requirements')},
