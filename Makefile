@@ -36,5 +36,9 @@ nbtest: venv
 pytest: venv
 	$(BIN)/pytest -q tests
 
+## smoke: the smoke study on this machine (CPU, minutes): trains, evaluates, writes papermill_runs/smoke and figures/smoke
+smoke: venv
+	$(BIN)/quantstudy study smoke
+
 clean:
 	rm -rf $(VENV) build *.egg-info
