@@ -31,7 +31,7 @@ check-sync: venv
 	echo "nbs/ and quantstudy/ are in sync"
 
 nbtest: venv
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing   # one thread per worker: 2 workers on 2 cores
 
 pytest: venv
 	$(BIN)/pytest -q tests

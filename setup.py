@@ -28,7 +28,7 @@ setuptools.setup(
                 + ['Programming Language :: Python :: ' + o for o in py_versions[py_versions.index(min_python):]]
                 + (['License :: ' + lic[1]] if lic[1] else []),
     url=cfg['git_url'],
-    packages=setuptools.find_packages(include=['quantstudy', 'quantstudy.*']),
+    packages=setuptools.find_namespace_packages(include=['quantstudy', 'quantstudy.*']),  # quantstudy.tasks holds only YAML
     include_package_data=True,
     package_data={'quantstudy': ['tasks/*.yaml']},
     install_requires=reqs('requirements'),
