@@ -63,7 +63,11 @@ def test_quantized_backward_is_ste_autograd(p, w_spec, a_spec):
         return F.linear(a_spec(x2, "act"), w_spec(weight_out_in(layer), "weight"), layer.bias).view(*x.shape[:-1], -1)
     ours = grads_of(QuantLinear.from_linear(layer, q), layer, x, g)
     ref = grads_of(ste, layer, x, g)
-    assert_same(ours, ref)
+    assert torch.equal(ours[0], ref[0])   # the same forward, bit for bit
+    # the same gradients up to fp32 summation order: autograd may pick another matmul kernel for degenerate
+    # shapes (hypothesis found a 1-feature layer whose input gradient differed in the last bit)
+    for u, v in zip(ours[1:], ref[1:]):
+        assert (u is None and v is None) or torch.allclose(u, v, rtol=1e-6, atol=1e-7)
 
 @settings(max_examples=60, deadline=None)
 @given(problems(), st.one_of(st.none(), specs("weight")), st.one_of(st.none(), specs("act")))
