@@ -4,7 +4,10 @@ VENV  ?= .venv
 TORCH ?= torch==2.13.0
 PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
+# the offline data root beside the checkout, when there is one (else the loaders use the Hugging Face hub)
+ifneq ($(wildcard ../shared/data),)
 export QUANTSTUDY_DATA ?= $(abspath ../shared/data)
+endif
 
 .PHONY: venv test check-sync nbtest pytest smoke clean
 
