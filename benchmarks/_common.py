@@ -1,8 +1,9 @@
 "Shared helpers of the benchmark scripts: side-by-side timing, machine description, RESULTS.md sections."
 from __future__ import annotations
-import argparse, ctypes, datetime, os, platform, re, statistics, sys, time
+import argparse, datetime, os, platform, re, statistics, sys, time
 from pathlib import Path
 import torch
+from quantstudy.train import tune_cpu_allocator
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -15,19 +16,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     return p
 
-def tune_allocator() -> bool:
-    """Keep freed memory in glibc's heap (no mmap, no trim), so a large temporary is not page-faulted in again at every
-    call: without it a fresh 2 MB output costs 3-20x a copy. (mallopt takes a C int: 2**31 - 1 is its largest value.)"""
-    if not sys.platform.startswith("linux"): return False
-    try: libc = ctypes.CDLL("libc.so.6")
-    except OSError: return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2 ** 31 - 1)))
-
 def setup(args):
     "Apply --threads, tune the CPU allocator, seed."
     if args.threads: torch.set_num_threads(args.threads)
-    if args.device == "cpu": tune_allocator()
+    if args.device == "cpu": tune_cpu_allocator()
     torch.manual_seed(0)
 
 def sync(device: str):
