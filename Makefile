@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data),)
 export QUANTSTUDY_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: venv test check-sync nbtest pytest smoke clean
+.PHONY: venv test check-sync nbtest pytest numerics smoke smoke-reference clean
 
 $(VENV)/.installed: setup.py settings.ini
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,8 +21,8 @@ $(VENV)/.installed: setup.py settings.ini
 
 venv: $(VENV)/.installed
 
-## test: notebooks and library in sync, notebook tests, pytest
-test: check-sync nbtest pytest
+## test: notebooks and library in sync, notebook tests, pytest, then the numerics pass
+test: check-sync nbtest pytest numerics
 
 check-sync: venv
 	@before=$$(git status --porcelain -- nbs quantstudy | sha256sum; git diff -- nbs quantstudy | sha256sum); \
@@ -33,15 +33,37 @@ check-sync: venv
 	  git status --short -- nbs quantstudy; exit 1; fi; \
 	echo "nbs/ and quantstudy/ are in sync"
 
+# notebooks that read the data root; without one they are skipped (as the tests skip), saying so
+DATA_NBS := 04_data|06_evaluate|07_analysis
+NBTEST   := $(BIN)/nbdev_test --timing $(if $(QUANTSTUDY_DATA),,--skip_file_re '^($(DATA_NBS))')
+
 nbtest: venv
-	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing   # one thread per worker: 2 workers on 2 cores
+	@$(if $(QUANTSTUDY_DATA),,echo "QUANTSTUDY_DATA is unset: notebooks $(DATA_NBS) read data and are skipped")
+	OMP_NUM_THREADS=1 $(NBTEST) --n_workers 2   # one thread per worker: 2 workers on 2 cores
 
 pytest: venv
 	$(BIN)/pytest -q tests
 
-## smoke: the smoke study on this machine (CPU, minutes): trains, evaluates, writes papermill_runs/smoke and figures/smoke
+# The numerics pass: what compares floating-point outcomes (tests marked `numerics`, the notebooks below) again,
+# under other kernels and thread counts than the first pass, so that a threshold tuned on one CPU fails here and
+# not on a user's: ATen's AVX2 kernels (or none: `default`), MKL and oneDNN held to AVX2, 2 threads. The first pass
+# ran with this machine's own kernels (AVX-512 where it has them), 1 thread per notebook and torch's default in pytest.
+NUMERICS_NBS := 00_quantizers|01_qlinear|03_optim|05_train|07_analysis
+AVX2 := MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2
+
+numerics: venv
+	ATEN_CPU_CAPABILITY=avx2 $(AVX2) $(BIN)/pytest -q -m numerics tests
+	ATEN_CPU_CAPABILITY=avx2 $(AVX2) $(NBTEST) --n_workers 1 --file_re '^($(NUMERICS_NBS))'
+	ATEN_CPU_CAPABILITY=default $(AVX2) $(BIN)/pytest -q -m numerics tests/test_optim.py tests/test_quantizers.py tests/test_int8.py
+
+## smoke: trains the smoke study afresh on this machine (CPU, minutes) into runs/smoke (figures in runs/figures/smoke),
+## then holds every run against the committed reference papermill_runs/smoke and says whether it reproduced it
 smoke: venv
-	$(BIN)/quantstudy study smoke
+	$(BIN)/quantstudy study smoke --runs-root runs --out runs/figures --force --reference papermill_runs
+
+## smoke-reference: retrain the committed reference itself (papermill_runs/smoke, figures/smoke), after a change of protocol
+smoke-reference: venv
+	$(BIN)/quantstudy study smoke --force
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--slurm-partition", default=None); s.add_argument("--gpus", type=int, default=None)
         s.add_argument("--time", type=int, default=None, help="SLURM time limit in minutes")
         s.add_argument("--out", default="figures", help="report output root")
+        s.add_argument("--reference", default=None, metavar="RUNS_ROOT",
+                       help="then compare every run with the same study under RUNS_ROOT (e.g. the committed papermill_runs): "
+                            "exit 1 unless all reproduce it")
     s = sub.add_parser("report", help="compile a study's tables and figures from its results.json files")
     s.add_argument("study"); s.add_argument("--runs-root", default="papermill_runs"); s.add_argument("--out", default="figures")
     return p
@@ -82,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "study":
             from quantstudy.report import report
             for p in report(args.study, runs_root=args.runs_root, out_root=args.out): print(p)
+        if args.reference:
+            table, reproduced = runner.compare_studies(args.study, args.runs_root, args.reference)
+            print(f"\nThis machine against the reference {args.reference}/{args.study}:\n{table}")
+            if not reproduced: return 1
         return 0 if all(r.get("status") != "failed" for r in res.values()) else 1
     except (ValueError, FileNotFoundError) as e:
         print(f"quantstudy {args.command}: {e}", file=sys.stderr); return 2

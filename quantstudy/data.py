@@ -13,8 +13,8 @@ from transformers import GPT2TokenizerFast
 
 # %% auto #0
 __all__ = ['DATA_ENV', 'CACHE_ENV', 'HOW_TO', 'GPT2_VOCAB', 'SPLITS', 'ALIASES', 'DOCS', 'OWT_SEED', 'CORPORA', 'FORMAT',
-           'data_root', 'load_tokenizer', 'tokenizer_hash', 'Corpus', 'heldout_split', 'load_corpus', 'token_cache_dir',
-           'tokenize_corpus', 'BlockDataset']
+           'data_root', 'require_data_root', 'load_tokenizer', 'tokenizer_hash', 'Corpus', 'heldout_split',
+           'load_corpus', 'token_cache_dir', 'tokenize_corpus', 'BlockDataset']
 
 # %% ../nbs/04_data.ipynb #29713089
 DATA_ENV, CACHE_ENV = "QUANTSTUDY_DATA", "QUANTSTUDY_CACHE"
@@ -29,6 +29,14 @@ def data_root(data_dir: str | Path | None = None) -> Path | None:
     if not root.is_dir():
         origin = "data_dir" if data_dir else f"${DATA_ENV}"
         raise FileNotFoundError(f"data root {root} (from {origin}) is not a directory: {HOW_TO}")
+    return root
+
+def require_data_root(reader: str) -> Path:
+    "The local data root for `reader` (a notebook, an example), or a one-line error saying what to set."
+    root = data_root()
+    if root is None:
+        raise FileNotFoundError(f"{reader} reads files of the local data root and ${DATA_ENV} is unset: set it to a "
+                                "data root laid out like shared/data (the Makefile sets ../shared/data)")
     return root
 
 # %% ../nbs/04_data.ipynb #93b95fc4

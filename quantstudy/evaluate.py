@@ -308,13 +308,19 @@ def register() -> bool:
 register()
 
 # %% ../nbs/06_evaluate.ipynb #cd3e01fe
+from unittest.mock import patch
+
 @contextmanager
 def _quiet(verbose: bool):
-    "lm-eval logs every task it builds: keep warnings and errors only, unless `verbose`."
+    "lm-eval logs every task it builds: keep warnings and errors only, unless `verbose`; and no `git` calls."
+    import lm_eval.evaluator
     log = logging.getLogger("lm_eval")
     old = log.level
     if not verbose: log.setLevel(logging.ERROR)
-    try: yield
+    # lm-eval runs `git describe` for its results' git_hash: outside a checkout that prints "fatal: not a git
+    # repository" to the terminal. The run's own provenance (runner.git_commit) records the commit, or None.
+    try:
+        with patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None): yield
     finally: log.setLevel(old)
 
 def _metrics(res: dict) -> dict:

@@ -13,8 +13,9 @@ from .experiments import Experiment, get_experiment, study_experiments
 from .train import train, write_json, write_run_config
 
 # %% auto #0
-__all__ = ['SCHEMA', 'TEMPLATE', 'run_dir', 'read_results', 'is_finished', 'git_commit', 'provenance', 'base_results',
-           'train_experiment', 'run_experiment', 'summary_table', 'sweep']
+__all__ = ['SCHEMA', 'TEMPLATE', 'REPRODUCE_TOLERANCE', 'run_dir', 'read_results', 'is_finished', 'git_commit', 'cpu_name',
+           'provenance', 'base_results', 'train_experiment', 'run_experiment', 'summary_table', 'sweep', 'compare_runs',
+           'final_val_loss', 'compare_studies']
 
 # %% ../nbs/09_runner.ipynb #0f30d524
 SCHEMA = 1
@@ -43,6 +44,12 @@ def git_commit(path=None) -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError): return None
 
+def cpu_name() -> str | None:
+    "The CPU's model name (Linux), or None: CPUs round reductions differently, so a result names its CPU."
+    try: return next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                      if l.startswith("model name")), None)
+    except OSError: return None
+
 def provenance() -> dict:
     "Git commit, package versions and hardware of this process."
     import transformers
@@ -50,7 +57,8 @@ def provenance() -> dict:
                     quantstudy=quantstudy.__version__)
     cuda = torch.cuda.is_available()
     hardware = dict(device="cuda" if cuda else "cpu", gpu=torch.cuda.get_device_name(0) if cuda else None,
-                    gpus=torch.cuda.device_count(), cpus=os.cpu_count(), machine=platform.machine())
+                    gpus=torch.cuda.device_count(), cpus=os.cpu_count(), machine=platform.machine(),
+                    cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability())  # kernels differ by CPU
     return dict(git_commit=git_commit(), versions=versions, hardware=hardware)
 
 def base_results(exp: Experiment, study: str, preset_name: str, overrides: dict) -> dict:
@@ -198,3 +206,46 @@ def _sweep_submitit(first, later, args, cluster, slurm, kw):
         try: results[n] = j.result()
         except Exception as e: results[n] = _record_failure(n, args[n], e)
     return results
+
+# %% ../nbs/09_runner.ipynb #8b08edba
+REPRODUCE_TOLERANCE = 0.02   # nats: cross-CPU differences are ~1e-3 here; a protocol or arithmetic change moves more
+
+def _log_ppl(r: dict) -> dict:
+    import math
+    return {k: math.log(v) for k, v in ((r.get("metrics") or {}).get("perplexity") or {}).items() if v and v > 0}
+
+def compare_runs(new: dict | None, ref: dict | None, tolerance: float = REPRODUCE_TOLERANCE) -> dict:
+    "How run `new` compares with its reference `ref` (two results.json dicts): the losses, the largest gap, a verdict."
+    row = dict(new_status=(new or {}).get("status", "not run"), ref_status=(ref or {}).get("status", "not run"),
+               new_loss=final_val_loss(new), ref_loss=final_val_loss(ref), max_diff=None)
+    if row["new_status"] != row["ref_status"] or row["new_status"] in ("failed", "not run"):
+        return dict(row, reproduced=False)
+    if row["new_status"] == "diverged": return dict(row, reproduced=True)   # both diverged: the step may differ
+    a, b = _log_ppl(new), _log_ppl(ref)
+    diffs = [abs(a[k] - b[k]) for k in a.keys() & b.keys()]
+    if row["new_loss"] is not None and row["ref_loss"] is not None: diffs.append(abs(row["new_loss"] - row["ref_loss"]))
+    row["max_diff"] = max(diffs) if diffs else None
+    return dict(row, reproduced=row["max_diff"] is not None and row["max_diff"] <= tolerance)
+
+def final_val_loss(r: dict | None) -> float | None:
+    "The last validation loss of a run's curves, or None."
+    val = ((r or {}).get("curves") or {}).get("val") or []
+    return val[-1]["loss"] if val else None
+
+# %% ../nbs/09_runner.ipynb #3c858609
+def compare_studies(study: str, runs_root, reference_root="papermill_runs", tolerance: float = REPRODUCE_TOLERANCE) -> tuple[str, bool]:
+    "A Markdown table of every run of `study` in `runs_root` beside its reference, and whether all reproduced."
+    rows = {n: compare_runs(read_results(run_dir(study, n, runs_root)), read_results(run_dir(study, n, reference_root)),
+                            tolerance) for n in study_experiments(study)}
+    fmt = lambda x: "" if x is None else f"{x:.4f}"
+    lines = [f"| experiment | status | reference | val loss | reference | largest diff | reproduced (<= {tolerance} nats) |",
+             "|---|---|---|---:|---:|---:|---|"]
+    lines += [f"| {n} | {r['new_status']} | {r['ref_status']} | {fmt(r['new_loss'])} | {fmt(r['ref_loss'])} | "
+              f"{fmt(r['max_diff'])} | {'yes' if r['reproduced'] else '**no**'} |" for n, r in rows.items()]
+    ok = all(r["reproduced"] for r in rows.values())
+    gaps = [r["max_diff"] for r in rows.values() if r["max_diff"] is not None]
+    lines.append("")
+    lines.append(f"{'Reproduced' if ok else 'NOT reproduced'}: {sum(r['reproduced'] for r in rows.values())} of {len(rows)} "
+                 f"runs of {study!r} match the reference in {reference_root}"
+                 + (f" (largest difference {max(gaps):.2e} nats, tolerance {tolerance})" if gaps else "") + ".")
+    return "\n".join(lines), ok

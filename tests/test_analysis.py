@@ -14,12 +14,8 @@ from quantstudy.optim import OptimQuant, QAdamW
 from quantstudy.qlinear import LinearQuant, quantized_modules
 from quantstudy.train import TrainConfig, make_optimizer, train
 
-DATA = os.environ.get("QUANTSTUDY_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-needs_data = pytest.mark.skipif(not Path(DATA, "ptb").exists(), reason=f"no PTB under {DATA}")
+pytestmark = pytest.mark.numerics   # thresholds on sharpness, gradient errors and zero bins: rerun on AVX2
 MINI = dict(n_layer=1, n_head=2, n_embd=32, vocab_size=1000)   # profiled in milliseconds
-
-def tiny_model(recipe=None, **kw):
-    return build_model("tiny", recipe, seed=0, **{**dict(n_layer=2, n_embd=32, n_positions=32), **kw})
 
 def batches(n=2, b=4, t=32, vocab=50257, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -63,7 +59,7 @@ def test_linear_time_share_is_a_fraction_per_size_and_length():
 
 # sharpness (Fig. 5)
 
-def test_m_sharpness_is_first_order_for_small_radii_and_restores_the_weights():
+def test_m_sharpness_is_first_order_for_small_radii_and_restores_the_weights(tiny_model):
     model = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
     xs = batches(1)
@@ -76,7 +72,7 @@ def test_m_sharpness_is_first_order_for_small_radii_and_restores_the_weights():
     with torch.no_grad(): center = model.eval()(input_ids=xs[0], labels=xs[0]).loss.item()
     assert s["alphas"] == [-0.5, 0.0, 0.5] and abs(s["loss"][1][1] - center) < 1e-5
 
-def test_filter_normalized_directions():
+def test_filter_normalized_directions(tiny_model):
     model = tiny_model()
     d1 = filter_normalized_direction(model, torch.Generator().manual_seed(0))
     d2 = filter_normalized_direction(model, torch.Generator().manual_seed(0))
@@ -88,7 +84,7 @@ def test_filter_normalized_directions():
 
 # gradients (Fig. 10)
 
-def test_gradient_quantization_copies_keep_the_recipe_and_leave_the_model():
+def test_gradient_quantization_copies_keep_the_recipe_and_leave_the_model(tiny_model):
     model = tiny_model(LinearQuant(weight="8-channel"))
     q = with_grad_quant(model, "8-token", grad_input=True)
     assert set(quantized_modules(model).values()) == {LinearQuant(weight="8-channel")}
@@ -99,7 +95,7 @@ def test_gradient_quantization_copies_keep_the_recipe_and_leave_the_model():
     lb, gb = _grads(with_grad_quant(model, None), x)
     assert la == lb and all(torch.equal(ga[k], gb[k]) for k in ga)
 
-def test_gradient_error_orders_bits_and_backward_paths():
+def test_gradient_error_orders_bits_and_backward_paths(tiny_model):
     model = tiny_model()
     e = gradient_error(model, batches(1), ("8-token", "4-token"))
     e16 = gradient_error(model, batches(1), "16-token", modules="all-linear-no-head")["16-token"]
@@ -120,14 +116,14 @@ def test_gradient_histogram_fractions():
 
 # activations and outliers (Figs 6, 8)
 
-def test_outliers_find_a_planted_massive_channel():
+def test_outliers_find_a_planted_massive_channel(tiny_model):
     model = tiny_model()
     with torch.no_grad(): model.transformer.h[-1].mlp.c_fc.bias[7] = 50.0   # GELU passes it: channel 7 of FC2's input
     d = outliers(model, batches=batches(1))
     assert d["layer"] == "transformer.h.1.mlp.c_proj" and d["top_channels"][0] == 7
     assert d["absmax_over_std"] > 8 and d["beyond_sigma_fraction"] > 0 and sum(d["counts"]) == d["numel"] == 4 * 32 * 128
 
-def test_layer_names():
+def test_layer_names(tiny_model):
     model = tiny_model(n_layer=4)
     assert resolve_layer(model, "middle-attn-proj") == "transformer.h.2.attn.c_proj"
     assert resolve_layer(model, "last-fc2") == "transformer.h.3.mlp.c_proj"
@@ -137,7 +133,7 @@ def test_layer_names():
 
 # second moment (Fig. 12)
 
-def test_second_moment_of_a_live_optimizer():
+def test_second_moment_of_a_live_optimizer(tiny_model):
     def run(optim_quant):
         model = tiny_model()
         opt = QAdamW(model.parameters(), lr=1e-3, optim_quant=optim_quant)
@@ -157,14 +153,12 @@ def test_second_moment_of_a_live_optimizer():
 
 # a tiny trained run: callback, checkpoints, registry
 
-def tiny_cfg(**kw):
-    base = dict(size="tiny", model=dict(n_layer=2, n_head=2, n_embd=32), corpus="ptb", train_split="valid", val_split="test",
-                data_dir=DATA, block_size=32, batch_size=8, micro_batch_size=8, max_steps=8, warmup_steps=2, eval_every=4,
-                eval_blocks=4, log_every=2, save_every=4, lr=3e-3)
-    return TrainConfig(**{**base, **kw})
+@pytest.fixture(scope="module")
+def tiny_cfg(tiny_config):
+    return lambda **kw: tiny_config(**{**dict(micro_batch_size=8, max_steps=8, eval_every=4, eval_blocks=4), **kw})
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_cfg, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("analysis")
     # quantized m trains (Fig. 11); a quantized v, 8-bit per channel or per tensor, diverges within 4 steps here (Fig. 12)
     cfg, recipe = tiny_cfg(), Recipe(optim=OptimQuant(m="8-channel"))
@@ -174,7 +168,6 @@ def trained(tmp_path_factory):
     train(cfg, tmp / "without", recipe)
     return tmp, cb
 
-@needs_data
 def test_callback_records_without_changing_training(trained):
     tmp, cb = trained
     a, b = load_run_model(tmp / "with"), load_run_model(tmp / "without")
@@ -186,8 +179,7 @@ def test_callback_records_without_changing_training(trained):
     assert activations(tmp / "without")["steps"] == [4, 8]   # no recording: checkpoints
     assert layer_stats(a, "middle-attn-proj", eval_batches(tmp / "with", 1, 4)[0])["channel_absmax"] == rec["snapshots"][-1]["channel_absmax"]
 
-@needs_data
-def test_second_moment_from_a_checkpoint(trained):
+def test_second_moment_from_a_checkpoint(tiny_cfg, trained):
     tmp, _ = trained
     d = second_moment(tmp / "with", checkpoint="last", spec="8-tensor")
     assert d["stored"] == "fp32" and d["spec"] == "8-tensor" and d["step"] == 8 and d["quantized_zero_fraction"] > 0.5
@@ -207,7 +199,6 @@ def test_second_moment_from_a_checkpoint(trained):
     assert live["stored"] == saved["stored"] == "quantized" and live["spec"] == saved["spec"] == "8-tensor"
     assert live["counts"] == saved["counts"] and live["per_param"] == saved["per_param"] and live["zero_fraction"] > 0.5
 
-@needs_data
 def test_every_registered_analysis_runs_and_draws(trained):
     tmp, _ = trained
     run = tmp / "with"

@@ -6,41 +6,34 @@ import quantstudy.data as data
 from quantstudy.data import (CORPORA, BlockDataset, data_root, heldout_split, load_corpus, load_tokenizer,
                              tokenize_corpus)
 
-# the data root: $QUANTSTUDY_DATA, else shared/data next to the repository (as the Makefile sets it)
-DATA = Path(os.environ.get("QUANTSTUDY_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-pytestmark = pytest.mark.skipif(not (DATA / "ptb").is_dir(), reason=f"no data root at {DATA}")
+pytestmark = pytest.mark.usefixtures("data_dir")   # conftest: the data root, or every test here is skipped
 datasets.disable_progress_bars()
 
-@pytest.fixture(autouse=True)
-def data_env(monkeypatch):
-    "Every test sees the data root in $QUANTSTUDY_DATA, whatever the caller's environment."
-    monkeypatch.setenv("QUANTSTUDY_DATA", str(DATA))
-
 @pytest.fixture(scope="module")
-def tok(): return load_tokenizer(DATA)
+def tok(data_dir): return load_tokenizer(data_dir)
 
-def test_data_root(monkeypatch, tmp_path):
-    assert data_root() == DATA and data_root(tmp_path) == tmp_path   # the argument wins over the env var
+def test_data_root(data_dir, monkeypatch, tmp_path):
+    assert data_root() == data_dir and data_root(tmp_path) == tmp_path   # the argument wins over the env var
     monkeypatch.delenv("QUANTSTUDY_DATA")
     assert data_root() is None                                         # nothing named: the hub
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")): data_root(tmp_path / "nope")
 
-def test_tokenizer(tok):
-    assert load_tokenizer(DATA, add_prefix_space=False)("Hello world")["input_ids"] == [15496, 995]
+def test_tokenizer(data_dir, tok):
+    assert load_tokenizer(data_dir, add_prefix_space=False)("Hello world")["input_ids"] == [15496, 995]
     assert tok("Hello world")["input_ids"] == [18435, 995] and len(tok) == 50257 and tok.eos_token_id == 50256
 
-def test_missing_corpus_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError) as e: load_corpus("wikitext2", "train", DATA)
-    assert str(DATA / "wikitext-2" / "wiki.train.raw") in str(e.value) and "QUANTSTUDY_DATA" in str(e.value)
+def test_missing_corpus_names_the_path(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError) as e: load_corpus("wikitext2", "train", data_dir)
+    assert str(data_dir / "wikitext-2" / "wiki.train.raw") in str(e.value) and "QUANTSTUDY_DATA" in str(e.value)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "ptb" / "ptb.test.txt")): load_corpus("ptb", "test", tmp_path)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer" / "gpt2")): load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.txt"): load_corpus(tmp_path / "nope.txt", "test")
     (tmp_path / "a.train.txt").write_text("x\n")
     with pytest.raises(FileNotFoundError, match="a.train.txt"): load_corpus(tmp_path, "test")   # lists what is there
 
-def test_missing_corpus_fails_before_tokenizing(tmp_path, monkeypatch, tok):
+def test_missing_corpus_fails_before_tokenizing(data_dir, tmp_path, monkeypatch, tok):
     monkeypatch.setattr(data, "load_corpus", lambda *a, **k: pytest.fail("loaded"))
-    with pytest.raises(FileNotFoundError, match="wiki.train.raw"): tokenize_corpus("wikitext2", "train", tok, DATA, tmp_path)
+    with pytest.raises(FileNotFoundError, match="wiki.train.raw"): tokenize_corpus("wikitext2", "train", tok, data_dir, tmp_path)
 
 def test_unknown_names():
     with pytest.raises(ValueError) as e: load_corpus("c4", "train")
@@ -51,8 +44,8 @@ def test_unknown_names():
 @pytest.mark.parametrize("name,split,file", [("ptb", "train", "ptb/ptb.train.txt"), ("ptb", "valid", "ptb/ptb.valid.txt"),
     ("wikitext2", "test", "wikitext-2/wiki.test.raw"), ("wikitext103", "validation", "wikitext-2/wiki.valid.raw"),
     ("lm1b", "dev", "1bw/1b_benchmark.dev.tokens"), ("openwebtext", None, "openwebtext-sample/openwebtext_first100docs.txt")])
-def test_documents_reproduce_the_file(name, split, file):
-    text = (DATA / file).read_text(encoding="utf-8")
+def test_documents_reproduce_the_file(data_dir, name, split, file):
+    text = (data_dir / file).read_text(encoding="utf-8")
     if split is None:   # the OpenWebText sample: train + validation are a permutation of its paragraphs
         docs = [d for s in ("train", "validation") for d in load_corpus(name, s)["text"]]
         assert sorted(docs) == sorted(data._paragraphs(text))
@@ -68,10 +61,10 @@ def test_every_local_corpus_loads():
             n += 1
     assert n == 15
 
-def test_lambada_and_shakespeare():
+def test_lambada_and_shakespeare(data_dir):
     lam = load_corpus("lambada", "test")
     assert len(lam) == 5153 and lam[0]["text"].startswith("In my palm is a clear stone")
-    text = (DATA / "tinyshakespeare/input.txt").read_text()
+    text = (data_dir / "tinyshakespeare/input.txt").read_text()
     parts = ["".join(load_corpus("tinyshakespeare", s)["text"]) for s in ("train", "validation", "test")]
     assert "".join(parts) == text and [len(p) for p in parts] == [1003854, 55770, 55770]
 
@@ -82,8 +75,8 @@ def test_local_file_and_directory(tmp_path):
     assert list(load_corpus(tmp_path, "val")["text"]) == ["a", "b"]
     assert list(load_corpus(tmp_path / "train.txt", "test")["text"]) == ["one\n\n", "two\nlines\n\n\n", "three"]
 
-def test_owt_split_is_deterministic_and_disjoint():
-    full = data._paragraphs((DATA / "openwebtext-sample/openwebtext_first100docs.txt").read_text())
+def test_owt_split_is_deterministic_and_disjoint(data_dir):
+    full = data._paragraphs((data_dir / "openwebtext-sample/openwebtext_first100docs.txt").read_text())
     train, val = (list(load_corpus("openwebtext", s)["text"]) for s in ("train", "validation"))
     assert len(val) == math.ceil(0.005 * len(full)) == 11 and len(train) + len(val) == len(full)
     assert collections.Counter(train) + collections.Counter(val) == collections.Counter(full)   # a partition
@@ -93,30 +86,30 @@ def test_owt_split_is_deterministic_and_disjoint():
     a, b = heldout_split(ds, "validation", 0.005), heldout_split(ds, "validation", 0.005, seed=1)
     assert len(a) == 5 and list(a["text"]) != list(b["text"])
 
-def test_tokens_are_the_documents_tokens(tok, tmp_path):
-    ids = tokenize_corpus("ptb", "valid", tok, DATA, tmp_path)
+def test_tokens_are_the_documents_tokens(data_dir, tok, tmp_path):
+    ids = tokenize_corpus("ptb", "valid", tok, data_dir, tmp_path)
     assert isinstance(ids, np.memmap) and ids.dtype == np.uint16 and len(ids) == 92830
     docs = load_corpus("ptb", "valid")["text"]
     assert ids.tolist() == [i for d in tok(list(docs))["input_ids"] for i in d]
-    assert tok.decode(ids) == (DATA / "ptb/ptb.valid.txt").read_text()   # lines start with a space: lossless
-    eos = tokenize_corpus("ptb", "valid", tok, DATA, tmp_path, eos=True)
+    assert tok.decode(ids) == (data_dir / "ptb/ptb.valid.txt").read_text()   # lines start with a space: lossless
+    eos = tokenize_corpus("ptb", "valid", tok, data_dir, tmp_path, eos=True)
     assert len(eos) == len(ids) + len(docs) and eos[-1] == 50256 and (eos == 50256).sum() == len(docs)
-    assert np.array_equal(tokenize_corpus("ptb", "valid", tok, DATA, tmp_path, max_tokens=777), ids[:777])
-    assert np.array_equal(tokenize_corpus("ptb", "valid", tok, DATA, tmp_path, max_tokens=10**9), ids)
+    assert np.array_equal(tokenize_corpus("ptb", "valid", tok, data_dir, tmp_path, max_tokens=777), ids[:777])
+    assert np.array_equal(tokenize_corpus("ptb", "valid", tok, data_dir, tmp_path, max_tokens=10**9), ids)
 
-def test_cache_is_reused(tok, tmp_path, monkeypatch):
-    first = tokenize_corpus("ptb", "test", tok, DATA, tmp_path)
+def test_cache_is_reused(data_dir, tok, tmp_path, monkeypatch):
+    first = tokenize_corpus("ptb", "test", tok, data_dir, tmp_path)
     calls = []
     real = data._tokenize
     monkeypatch.setattr(data, "_tokenize", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = tokenize_corpus("ptb", "test", tok, DATA, tmp_path)
+    again = tokenize_corpus("ptb", "test", tok, data_dir, tmp_path)
     assert calls == [] and again.filename == first.filename and np.array_equal(again, first)
     monkeypatch.setenv("QUANTSTUDY_CACHE", str(tmp_path))   # the env var names the same cache
-    assert tokenize_corpus("ptb", "test", tok, DATA).filename == first.filename and calls == []
+    assert tokenize_corpus("ptb", "test", tok, data_dir).filename == first.filename and calls == []
     # each option is part of the key: a new file, tokenized anew
-    other = [tokenize_corpus("ptb", "test", tok, DATA, tmp_path, eos=True),
-             tokenize_corpus("ptb", "test", load_tokenizer(DATA, add_prefix_space=False), DATA, tmp_path),
-             tokenize_corpus("ptb", "test", tok, DATA, tmp_path, max_tokens=100)]
+    other = [tokenize_corpus("ptb", "test", tok, data_dir, tmp_path, eos=True),
+             tokenize_corpus("ptb", "test", load_tokenizer(data_dir, add_prefix_space=False), data_dir, tmp_path),
+             tokenize_corpus("ptb", "test", tok, data_dir, tmp_path, max_tokens=100)]
     assert len(calls) == 3 and len({first.filename, *(o.filename for o in other)}) == 4
 
 def test_cache_follows_the_source_file(tok, tmp_path, monkeypatch):
@@ -128,8 +121,8 @@ def test_cache_follows_the_source_file(tok, tmp_path, monkeypatch):
     b = tokenize_corpus(src.parent, "test", tok, cache_dir=tmp_path / "cache")
     assert a.filename != b.filename and tok.decode(b) == " hello there world\n"
 
-def test_interrupted_write_never_counts(tok, tmp_path, monkeypatch):
-    ref = tokenize_corpus("ptb", "test", tok, DATA, tmp_path / "ref")
+def test_interrupted_write_never_counts(data_dir, tok, tmp_path, monkeypatch):
+    ref = tokenize_corpus("ptb", "test", tok, data_dir, tmp_path / "ref")
     name = Path(ref.filename).name
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -139,21 +132,21 @@ def test_interrupted_write_never_counts(tok, tmp_path, monkeypatch):
     # a run that dies just before the atomic rename leaves no token file behind
     def die(*a): raise KeyboardInterrupt
     monkeypatch.setattr(data.os, "replace", die)
-    with pytest.raises(KeyboardInterrupt): tokenize_corpus("ptb", "test", tok, DATA, cache)
+    with pytest.raises(KeyboardInterrupt): tokenize_corpus("ptb", "test", tok, data_dir, cache)
     assert not (cache / name).exists()
     monkeypatch.undo()
-    monkeypatch.setenv("QUANTSTUDY_DATA", str(DATA))
-    out = tokenize_corpus("ptb", "test", tok, DATA, cache)
+    monkeypatch.setenv("QUANTSTUDY_DATA", str(data_dir))
+    out = tokenize_corpus("ptb", "test", tok, data_dir, cache)
     assert Path(out.filename).name == name and np.array_equal(out, ref)
     assert not (cache / f"{name}.{os.getpid()}.tmp").exists()
 
-def test_num_proc(tok, tmp_path):
-    a = tokenize_corpus("lm1b", "validation", tok, DATA, tmp_path / "a", num_proc=1)
-    b = tokenize_corpus("lm1b", "validation", tok, DATA, tmp_path / "b", num_proc=2)
+def test_num_proc(data_dir, tok, tmp_path):
+    a = tokenize_corpus("lm1b", "validation", tok, data_dir, tmp_path / "a", num_proc=1)
+    b = tokenize_corpus("lm1b", "validation", tok, data_dir, tmp_path / "b", num_proc=2)
     assert np.array_equal(a, b)
 
-def test_block_dataset(tok, tmp_path):
-    ids = tokenize_corpus("wikitext2", "valid", tok, DATA, tmp_path)
+def test_block_dataset(data_dir, tok, tmp_path):
+    ids = tokenize_corpus("wikitext2", "valid", tok, data_dir, tmp_path)
     for bs in (1, 7, 1024):
         blocks = BlockDataset(ids, bs)
         assert len(blocks) == len(ids) // bs
@@ -189,7 +182,7 @@ def hub(monkeypatch):
     monkeypatch.delenv("QUANTSTUDY_DATA")
     return seen
 
-def test_hub_branch(hub, tmp_path):
+def test_hub_branch(data_dir, hub, tmp_path):
     assert list(load_corpus("wikitext2", "test")["text"]) == [" \n", " = A = \n", " \n", " b c \n"]   # as in the raw file
     assert list(load_corpus("ptb", "valid")["text"]) == [" a b \n", " c <unk> N \n"]                 # as in ptb.valid.txt
     assert list(load_corpus("lm1b", "test")["text"]) == ["A sentence .\n", "Another .\n"]
@@ -199,13 +192,13 @@ def test_hub_branch(hub, tmp_path):
     assert len(train) == 995 and len(val) == 3 and not set(train["text"]) & set(val["text"])
     assert hub[:2] == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test"), ("ptb_text_only", "validation")]
     with pytest.raises(ValueError, match="1b_benchmark.dev.tokens"): load_corpus("lm1b", "validation")   # not on the hub
-    tok = load_tokenizer(DATA)
+    tok = load_tokenizer(data_dir)
     ids = tokenize_corpus("ptb", "valid", tok, cache_dir=tmp_path)
     assert tok.decode(ids) == " a b \n c <unk> N \n" and tokenize_corpus("ptb", "valid", tok, cache_dir=tmp_path).filename == ids.filename
 
-def test_hub_tokenizer(monkeypatch):
+def test_hub_tokenizer(data_dir, monkeypatch):
     seen, real = [], data.GPT2TokenizerFast.from_pretrained
     monkeypatch.setattr(data.GPT2TokenizerFast, "from_pretrained",
-                        lambda path, **kw: seen.append((path, kw)) or real(str(DATA / "tokenizer/gpt2"), **kw))
+                        lambda path, **kw: seen.append((path, kw)) or real(str(data_dir / "tokenizer/gpt2"), **kw))
     monkeypatch.delenv("QUANTSTUDY_DATA")
     assert len(load_tokenizer()) == 50257 and seen[0] == ("gpt2", {"add_prefix_space": True})

@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest, torch
 from hypothesis import given, settings, strategies as st
 
-os.environ.setdefault("QUANTSTUDY_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 from quantstudy.data import load_corpus
 from quantstudy.model import Recipe, build_model, save_model
 from quantstudy.qlinear import LinearQuant, quantized_modules
@@ -18,7 +17,7 @@ from quantstudy.evaluate import QuantstudyLM
 def model(): return build_model("tiny", seed=0).eval()
 
 @pytest.fixture(scope="module")
-def text(): return "".join(load_corpus("wikitext2", "test", limit=60)["text"])   # ~3,200 GPT-2 tokens: 25 windows
+def text(data_dir): return "".join(load_corpus("wikitext2", "test", data_dir, limit=60)["text"])   # ~3,200 GPT-2 tokens: 25 windows
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 3000), st.integers(2, 300), st.data())
@@ -37,6 +36,7 @@ def _lm_eval_ppl(model, text):
     ids = lm.tok_encode(text)
     return math.exp(-ll / len(ids)), ids
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("recipe", [None, Recipe(linear=LinearQuant(weight="4-channel", act="8-token"))])
 def test_perplexity_equals_lm_eval_rolling(text, recipe):
     "Cross-check: token-weighted perplexity = exp(-loglikelihood_rolling / tokens), full precision and quantized."
@@ -49,6 +49,7 @@ def test_perplexity_equals_lm_eval_rolling(text, recipe):
         fp = perplexity(build_model("tiny", seed=0), ids, stride=128, eos_prefix=True, progress=False)
         assert abs(math.log(fp.ppl / ours.ppl)) > 1e-4
 
+@pytest.mark.numerics
 def test_perplexity_blocks_and_modes(model, text):
     ids = QuantstudyLM(pretrained=model).tok_encode(text)[:1000]
     r = perplexity(model, ids, progress=False)
@@ -64,12 +65,15 @@ def test_perplexity_blocks_and_modes(model, text):
     with pytest.raises(ValueError, match="n_positions"): perplexity(model, ids, context=256)
     with pytest.raises(ValueError, match="make no window"): perplexity(model, ids[:100], drop_last=True)
 
+@pytest.mark.numerics
+@pytest.mark.usefixtures("data_dir")
 def test_lambada_equals_lm_eval_zero_shot(model):
     ours = lambada(model, limit=24, batch_size=5, progress=False)
     ref = downstream(model, ["lambada_openai"], num_fewshot=0, seeds=(0,), limit=24)["lambada_openai"]
     assert ours["n"] == ref["n"] == 24
     assert ours["acc"] == ref["acc"] and ours["ppl"] == pytest.approx(ref["perplexity"], rel=1e-4)
 
+@pytest.mark.usefixtures("data_dir")
 def test_downstream_skips_missing_and_averages_seeds(model):
     res = downstream(model, ["mnli", "arc_challenge", "rte", "wnli"], num_fewshot=2, seeds=(0, 1), limit=3)
     assert list(res) == ["mnli", "arc_challenge", "rte", "wnli"]
@@ -81,6 +85,7 @@ def test_downstream_skips_missing_and_averages_seeds(model):
     table = task_table({("", "baseline"): res})
     assert "| - |" in table and "(2 of 10)" in table                     # missing tasks: '-', never 0
 
+@pytest.mark.usefixtures("data_dir")
 def test_offline_tasks_keep_lm_eval_prompts():
     "Our YAMLs keep lm-eval's built-in prompt, target, choices and metrics for every task."
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -97,6 +102,7 @@ def test_offline_tasks_keep_lm_eval_prompts():
             assert ours.get(k) == ref.get(k), (task, k)
         assert task_unavailable(task) is None
 
+@pytest.mark.usefixtures("data_dir")
 def test_task_data_shapes():
     hs = task_dataset("hellaswag")["validation"]
     assert len(hs) == 10042 and all(len(c) == 4 for c in hs[:50]["choices"])
@@ -107,6 +113,7 @@ def test_task_data_shapes():
     assert sorted(set(task_dataset("qnli")["validation"]["label"])) == [0, 1]
     with pytest.raises(FileNotFoundError, match="MNLI"): task_dataset("mnli")
 
+@pytest.mark.numerics
 def test_ptq_copies_and_quantizes(model, text):
     ids = QuantstudyLM(pretrained=model).tok_encode(text)[:512]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -121,6 +128,7 @@ def test_ptq_copies_and_quantizes(model, text):
     with pytest.raises(ValueError, match="gradient"): ptq(model, LinearQuant(grad="8-token"))
     with pytest.raises(ValueError, match="quantized already"): ptq(q, "8-channel")
 
+@pytest.mark.usefixtures("data_dir")
 def test_quantstudy_lm_loads_run_dir_with_recipe(tmp_path):
     recipe = Recipe(linear=LinearQuant(weight="8-channel"))
     save_model(build_model("tiny", recipe=recipe, seed=1), tmp_path / "run" / "model")
@@ -132,6 +140,7 @@ def test_quantstudy_lm_loads_run_dir_with_recipe(tmp_path):
     from lm_eval.api.registry import get_model
     assert get_model("quantstudy") is QuantstudyLM and get_model("hf").__name__ == "HFLM"
 
+@pytest.mark.usefixtures("data_dir")
 def test_cli_runs_on_saved_model(tmp_path):
     save_model(build_model("tiny", seed=0), tmp_path / "model")
     cmd = [sys.executable, "-m", "quantstudy.evaluate", "--model", "quantstudy", "--model_args", f"path={tmp_path}",
@@ -140,5 +149,6 @@ def test_cli_runs_on_saved_model(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "|arc_easy" in out.stdout and "acc" in out.stdout and "quantstudy" in out.stdout
 
+@pytest.mark.usefixtures("data_dir")
 def test_downstream_rejects_unknown_task(model):
     with pytest.raises(ValueError, match="arc_eazy"): downstream(model, ["arc_eazy"], limit=1)

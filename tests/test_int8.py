@@ -6,6 +6,8 @@ from transformers.pytorch_utils import Conv1D
 from quantstudy.quantizers import fake_quantize, quantize, QuantSpec
 from quantstudy.qlinear import LinearQuant, QuantLinear, int8_matmul, quant_linear, quantize_model
 
+pytestmark = pytest.mark.numerics   # bit-identities and tolerances: rerun under AVX2 kernels and 2 threads
+
 EPS = 2.0 ** -24
 
 def as_int8(q: LinearQuant) -> LinearQuant:

@@ -5,6 +5,8 @@ from hypothesis import given, settings, strategies as st
 from quantstudy.quantizers import QuantSpec, quantize, fake_quantize
 from quantstudy.optim import OptimQuant, QAdamW, pack4, unpack4, _encode_, _code_tensor, _decode
 
+pytestmark = pytest.mark.numerics   # bit-identities and tolerances: rerun under AVX2 kernels and 2 threads
+
 # --- helpers -------------------------------------------------------------------------------------------
 
 def model(seed=0):
@@ -148,13 +150,18 @@ def test_bf16_params_run():
 
 # --- state: save, load, size --------------------------------------------------------------------------------
 
+# eps=1e-3 bounds the step where a 4-bit v rounds to 0: with torch's 1e-8, m4-channel_v4-tensor reaches |p| 4e4..4e8
+# (NaN on some CPUs) depending on the CPU's kernels; with 1e-3, max |p| is 1.15-1.16 on AVX2, AVX-512 and ATen's
+# `default` kernels, 1 and 2 threads. The codes are stored and restored all the same.
+EPS = 1e-3
+
 def run(optim_quant, split=None, steps=20):
-    m = model(); opt = QAdamW(groups(m), lr=1e-2, optim_quant=optim_quant)
+    m = model(); opt = QAdamW(groups(m), lr=1e-2, eps=EPS, optim_quant=optim_quant)
     x, y = batch()
     for i in range(steps):
         if i == split:
             buf = io.BytesIO(); torch.save(opt.state_dict(), buf); buf.seek(0)
-            opt = QAdamW(groups(m), lr=1e-2, optim_quant=optim_quant)
+            opt = QAdamW(groups(m), lr=1e-2, eps=EPS, optim_quant=optim_quant)
             opt.load_state_dict(torch.load(buf, weights_only=True))
         opt.zero_grad(); torch.nn.functional.mse_loss(m(x), y).backward(); opt.step()
     return [p.detach() for p in m.parameters()], opt
@@ -162,6 +169,7 @@ def run(optim_quant, split=None, steps=20):
 @pytest.mark.parametrize("optim_quant", [None, "m8-channel", "m4-channel_v4-tensor", "m8-channel-asym_v4-channel-asym", "v12-tensor"])
 def test_save_load_resume_is_bit_identical(optim_quant):
     (a, opt_a), (b, opt_b) = run(optim_quant), run(optim_quant, split=10)
+    assert all(torch.isfinite(x).all() for x in a + b), "the run diverged: pick a stabler recipe, this is no resume bug"
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     sa, sb = opt_a.state_dict(), opt_b.state_dict()
     assert plain(sa)

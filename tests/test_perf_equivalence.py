@@ -5,6 +5,8 @@ import quantstudy.quantizers as qz
 from quantstudy.quantizers import (CompilePolicy, fake_quantize, quantize, qrange, using_compile_policy, compile_policy,
                                    set_compile_policy)
 
+pytestmark = pytest.mark.numerics   # bit-identities and tolerances: rerun under AVX2 kernels and 2 threads
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def eager_fq(x, bits, axis, sym): return qz._fake_quantize_eager(x, bits, axis, sym)

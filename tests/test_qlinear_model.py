@@ -12,6 +12,8 @@ from quantstudy.qlinear import (LinearQuant, QuantLinear, QuantConv1D, quant_lin
 from quantstudy.model import Recipe, SIZES, gpt2_config, build_model, save_model, load_model, check_recipe
 from quantstudy.optim import OptimQuant
 
+pytestmark = pytest.mark.numerics   # bit-identities and tolerances: rerun under AVX2 kernels and 2 threads
+
 # ---------------------------------------------------------------- strategies
 def specs(role):
     grans = {"weight": ["tensor", "channel"], "act": ["tensor", "channel", "token"], "grad": ["tensor", "channel", "token"]}[role]

@@ -3,6 +3,8 @@ import pytest, torch
 from hypothesis import given, settings, strategies as st
 from quantstudy.quantizers import QuantSpec, fake_quantize, quantize, dequantize, qparams, qrange
 
+pytestmark = pytest.mark.numerics   # bit-identities and tolerances: rerun under AVX2 kernels and 2 threads
+
 shapes = st.tuples(st.integers(1, 9), st.integers(1, 9))
 
 @st.composite

@@ -1,12 +1,11 @@
 "The study runner end to end: papermill runs, idempotent sweeps, failures recorded, torchrun, submitit, the CLI."
-import json, os, subprocess, sys, time
+import json, subprocess, sys
 from pathlib import Path
 import pytest
 from quantstudy.runner import run_experiment, sweep, read_results
 from quantstudy.report import report
 
-DATA = os.environ.get("QUANTSTUDY_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-pytestmark = pytest.mark.skipif(not Path(DATA, "ptb").exists(), reason=f"no PTB under {DATA}")
+pytestmark = pytest.mark.usefixtures("data_dir")   # every run trains on PTB: skipped without a data root
 
 TINY = dict(max_steps=6, eval_every=3, save_every=6, log_every=1, warmup_steps=1, eval_blocks=2, block_size=32,
             batch_size=4, micro_batch_size=2, model=dict(n_layer=1, n_head=2, n_embd=32))
@@ -14,12 +13,18 @@ EVALS = dict(perplexity=dict(corpora=["ptb"], max_tokens=512), lambada=dict(limi
              downstream=dict(tasks=["arc_easy", "mnli"], num_fewshot=1, seeds=[0], limit=2))
 ONLY_PPL = dict(EVALS, lambada=None, downstream=None)
 
-@pytest.fixture(autouse=True)
-def data_env(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("QUANTSTUDY_DATA", DATA)
-    monkeypatch.setenv("QUANTSTUDY_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+@pytest.fixture
+def executions(monkeypatch):
+    "The notebooks papermill is asked to execute from now on: a finished run must add none."
+    import papermill
+    calls, real = [], papermill.execute_notebook
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    return calls
 
-def test_run_rerun_and_relative_paths(tmp_path):
+def mtimes(root: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+def test_run_rerun_and_relative_paths(tmp_path, executions):
     root = tmp_path / "papermill_runs"
     r = run_experiment("w8a8", "t", overrides=TINY, evals=EVALS, runs_root=root)
     assert r["status"] == "complete" and r["schema"] == 1 and r["step"] == 6
@@ -27,11 +32,11 @@ def test_run_rerun_and_relative_paths(tmp_path):
     assert r["versions"]["torch"] and r["hardware"]["device"] == "cpu"
     nb = (root / "t" / "w8a8.ipynb").read_text()
     assert str(tmp_path) not in nb and "/work/" not in nb            # no machine paths in the committed notebooks
-    t = time.time()
+    before, ran = mtimes(root), len(executions)
     assert run_experiment("w8a8", "t", overrides=TINY, evals=EVALS, runs_root=root) == r
-    assert time.time() - t < 2                                        # a finished run is not run again
+    assert len(executions) == ran == 1 and mtimes(root) == before     # a finished run is not run again, nothing rewritten
 
-def test_sweep_records_a_broken_experiment_and_goes_on(tmp_path):
+def test_sweep_records_a_broken_experiment_and_goes_on(tmp_path, executions):
     root = tmp_path / "papermill_runs"
     res = sweep("smoke", only=["baseline", "w8-channel", "ptq-w8-channel"], overrides={**TINY}, evals=EVALS,
                 analyses=["second_moment"], runs_root=root, per_experiment={"w8-channel": {"corpus": "no-such-corpus"}},
@@ -41,10 +46,10 @@ def test_sweep_records_a_broken_experiment_and_goes_on(tmp_path):
     assert res["baseline"]["status"] == "complete" and res["ptq-w8-channel"]["status"] == "complete"
     assert read_results(root / "smoke" / "w8-channel")["status"] == "failed"
     assert res["baseline"]["analysis"]["second_moment"]["figure"].endswith(".png")
-    t = time.time()
+    before, ran = mtimes(root), len(executions)
     again = sweep("smoke", only=["baseline", "ptq-w8-channel"], overrides=TINY, evals=EVALS, analyses=["second_moment"],
                   runs_root=root, quiet=True)
-    assert time.time() - t < 3 and again["baseline"] == res["baseline"]
+    assert len(executions) == ran and mtimes(root) == before and again["baseline"] == res["baseline"]
     paths = report("smoke", runs_root=root, out_root=tmp_path / "figures")
     table = (tmp_path / "figures" / "smoke" / "table10_ptq_weights.md").read_text()
     assert "not run" in table and any(p.suffix == ".png" for p in paths)

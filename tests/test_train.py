@@ -1,5 +1,5 @@
 "Training end to end: exact resume after a real SIGKILL, and DDP on 2 CPU processes matching 1 process."
-import json, os, random, signal, subprocess, sys, time
+import json, math, os, random, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
@@ -8,20 +8,12 @@ from quantstudy.model import Recipe
 from quantstudy.qlinear import LinearQuant
 from quantstudy.optim import OptimQuant
 
-DATA = os.environ.get("QUANTSTUDY_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-pytestmark = pytest.mark.skipif(not Path(DATA, "ptb").exists(), reason=f"no PTB under {DATA}")
-
-def tiny(**kw):
-    # PTB valid (~80k tokens) as the training set keeps tokenization and epochs short
-    base = dict(size="tiny", model=dict(n_layer=2, n_head=2, n_embd=32), corpus="ptb", train_split="valid",
-                val_split="test", data_dir=DATA, block_size=32, batch_size=8, micro_batch_size=4, max_steps=24,
-                warmup_steps=2, eval_every=8, eval_blocks=8, log_every=2, save_every=4, lr=3e-3)
-    return TrainConfig(**{**base, **kw})
+pytestmark = pytest.mark.usefixtures("data_dir")   # every test here trains on PTB: skipped without a data root
 
 RECIPE = Recipe(linear=LinearQuant(weight="8-channel", act="8-token"), optim=OptimQuant(m="8-channel"))
 
 def env(tmp):
-    return {**os.environ, "QUANTSTUDY_DATA": DATA, "QUANTSTUDY_CACHE": str(tmp / "cache"),
+    return {**os.environ, "QUANTSTUDY_CACHE": str(tmp / "cache"),
             "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 def run(cfg_path, tmp, nproc=1, **kw):
@@ -36,8 +28,8 @@ def finish(p, timeout=300):
 
 def result(d): return json.loads((Path(d) / "train_result.json").read_text())
 
-def test_sigkill_resume_is_bit_exact(tmp_path):
-    cfg = tiny()
+def test_sigkill_resume_is_bit_exact(tiny_config, tmp_path):
+    cfg = tiny_config()
     write_run_config(tmp_path / "a.json", cfg, tmp_path / "a", RECIPE)
     write_run_config(tmp_path / "b.json", cfg, tmp_path / "b", RECIPE)
     finish(run(tmp_path / "a.json", tmp_path))
@@ -54,13 +46,15 @@ def test_sigkill_resume_is_bit_exact(tmp_path):
     assert not (tmp_path / "b" / "train_result.json").exists()
     finish(run(tmp_path / "b.json", tmp_path))
     a, b = result(tmp_path / "a"), result(tmp_path / "b")
+    assert all(math.isfinite(p["loss"]) for p in a["curves"]["train"]), "the run diverged: no resume question to ask"
     assert b["resumed_from"] is not None and a["resumed_from"] is None
     assert a["curves"] == b["curves"]                     # every logged loss, lr and grad norm, bit for bit
     wa, wb = load_file(tmp_path / "a/model/model.safetensors"), load_file(tmp_path / "b/model/model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
-def test_ddp_two_processes_match_one(tmp_path):
-    cfg = tiny(dropout=0.0, max_steps=8, eval_every=4, save_every=8)   # no dropout: ranks draw different masks
+@pytest.mark.numerics
+def test_ddp_two_processes_match_one(tiny_config, tmp_path):
+    cfg = tiny_config(dropout=0.0, max_steps=8, eval_every=4, save_every=8)   # no dropout: ranks draw different masks
     write_run_config(tmp_path / "one.json", cfg, tmp_path / "one", RECIPE)
     write_run_config(tmp_path / "two.json", cfg, tmp_path / "two", RECIPE)
     finish(run(tmp_path / "one.json", tmp_path))
@@ -73,15 +67,16 @@ def test_ddp_two_processes_match_one(tmp_path):
     v1 = [p["loss"] for p in one["curves"]["val"]]; v2 = [p["loss"] for p in two["curves"]["val"]]
     assert max(abs(x - y) for x, y in zip(v1, v2)) < 1e-5, (v1, v2)
 
-def test_bad_config_fails_before_work(tmp_path):
-    with pytest.raises(ValueError, match="micro_batch_size"): tiny(batch_size=6)
-    with pytest.raises(ValueError, match="precision='fp16'"): tiny(precision="fp16")
-    with pytest.raises(ValueError, match="unknown TrainConfig fields"): tiny().replace(learning_rate=1)
+def test_bad_config_fails_before_work(tiny_config, tmp_path):
+    with pytest.raises(ValueError, match="micro_batch_size"): tiny_config(batch_size=6)
+    with pytest.raises(ValueError, match="precision='fp16'"): tiny_config(precision="fp16")
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"): tiny_config().replace(learning_rate=1)
 
-def test_divergence_is_recorded_not_raised(tmp_path, monkeypatch):
+@pytest.mark.numerics
+def test_divergence_is_recorded_not_raised(tiny_config, tmp_path, monkeypatch):
     from quantstudy.train import train
     monkeypatch.setenv("QUANTSTUDY_CACHE", str(tmp_path / "cache"))
-    cfg = tiny(lr=30.0, warmup_steps=0, max_steps=40, grad_clip=1e9, eval_every=4, save_every=40, log_every=2)
+    cfg = tiny_config(lr=30.0, warmup_steps=0, max_steps=40, grad_clip=1e9, eval_every=4, save_every=40, log_every=2)
     res = train(cfg, tmp_path / "div", Recipe(linear=LinearQuant(grad="4-tensor")))
     assert res["status"] == "diverged" and res["step"] < 40 and res["reason"], res
     assert json.loads((tmp_path / "div" / "train_result.json").read_text())["status"] == "diverged"
