@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import quantstudy
 from .experiments import Experiment, get_experiment, study_experiments
-from .train import train, write_json, write_run_config
+from .train import ProgressLines, train, write_json, write_run_config
 
 # %% auto #0
 __all__ = ['SCHEMA', 'TEMPLATE', 'SAFE_NAME', 'CONFIG_FILE', 'LOCK_FILE', 'RUN_MARKERS', 'run_dir', 'read_results', 'is_finished',
@@ -151,7 +151,7 @@ def base_results(exp: Experiment, study: str, preset_name: str, overrides: dict)
 def train_experiment(exp: Experiment, out_dir, nproc: int = 1) -> dict:
     "Train `exp` into `out_dir` (resuming from its last checkpoint) on `nproc` processes; the train result."
     out_dir = Path(out_dir)
-    if nproc == 1: return train(exp.train, out_dir, exp.recipe)
+    if nproc == 1: return train(exp.train, out_dir, exp.recipe, callbacks=[ProgressLines()])   # a line per logged step
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out_dir / "run.json"
     write_run_config(cfg_path, exp.train, out_dir, exp.recipe)

@@ -20,8 +20,8 @@ from .data import BlockDataset, load_tokenizer, tokenize_corpus
 # %% auto #0
 __all__ = ['FIELD_RULES', 'PRESETS', 'CHECKPOINT_JSON', 'CHECKPOINT_TORCH', 'check_model_fields', 'TrainConfig', 'preset',
            'use_bf16', 'tune_cpu_allocator', 'DivergenceCallback', 'write_json', 'curves_from_history',
-           'CurvesCallback', 'checkpoint_problem', 'checkpoints', 'last_checkpoint', 'resume_checkpoint',
-           'make_optimizer', 'training_args', 'datasets_for', 'train', 'write_run_config', 'main']
+           'CurvesCallback', 'ProgressLines', 'checkpoint_problem', 'checkpoints', 'last_checkpoint',
+           'resume_checkpoint', 'make_optimizer', 'training_args', 'datasets_for', 'train', 'write_run_config', 'main']
 
 # %% ../nbs/05_train.ipynb #3585fff8
 def _int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)   # JSON `true` is not a step count
@@ -233,6 +233,19 @@ class CurvesCallback(TrainerCallback):
     def on_log(self, args, state, control, **kw):
         if state.is_world_process_zero: write_json(self.path, curves_from_history(state.log_history))
 
+# %% ../nbs/05_train.ipynb #581453d6
+class ProgressLines(TrainerCallback):
+    "Print one line per logged step and per evaluation (rank 0): the progress of a run that runs where no bar shows, e.g. in a papermill kernel."
+    def __init__(self, file=None): self.file, self.t0 = file, time.time()
+    def _say(self, state, what):
+        if state.is_world_process_zero:
+            print(f"step {state.global_step}/{state.max_steps} {what} ({time.time() - self.t0:.0f} s)", file=self.file or sys.stdout, flush=True)
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self._say(state, f"loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.3g} grad_norm {logs.get('grad_norm', float('nan')):.3g}")
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if metrics and "eval_loss" in metrics: self._say(state, f"eval_loss {metrics['eval_loss']:.4f}")
+
 # %% ../nbs/05_train.ipynb #01821d9f
 CHECKPOINT_JSON = ("trainer_state.json", "config.json")
 CHECKPOINT_TORCH = ("optimizer.pt", "scheduler.pt")   # and one rng_state*.pth per process
@@ -376,5 +389,5 @@ def main(config: str = None,  # path of a run.json written by `write_run_config`
     if not config or not Path(config).is_file(): raise SystemExit(f"--config {config!r}: no such run.json file")
     d = json.loads(Path(config).read_text())
     recipe = Recipe.from_dict(d["recipe"]) if d.get("recipe") else None
-    res = train(TrainConfig.from_dict(d["train"]), d["out_dir"], recipe, resume=not no_resume)
+    res = train(TrainConfig.from_dict(d["train"]), d["out_dir"], recipe, resume=not no_resume, callbacks=[ProgressLines()])
     if int(os.environ.get("RANK", "0")) == 0: print(json.dumps({k: res[k] for k in ("status", "step", "reason")}))

@@ -305,3 +305,11 @@ def test_run_streams_progress_and_force_clears_under_the_lock(tmp_path, capfd):
     assert not (d / "checkpoint-3").exists() and json.loads((d / "run_config.json").read_text())["config"]["train"]["lr"] == 0.002
     out = capfd.readouterr()
     assert "training step 1 of 2" in out.out and "to stderr" in out.err
+
+def test_without_a_data_root_hub_names_and_splits_are_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("QUANTSTUDY_DATA")
+    with pytest.raises(ValueError, match="lm1b has no 'validation' split on the hub"):
+        run_experiment("a4-tensor", "t", overrides=dict(corpus="lm1b"), runs_root=tmp_path / "runs")
+    with pytest.raises(ValueError, match="unknown corpus 'nope'"):
+        run_experiment("a4-tensor", "t", overrides=dict(corpus="nope"), runs_root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
