@@ -6,89 +6,130 @@
 from __future__ import annotations
 import argparse, json, sys
 from pathlib import Path
-from .experiments import experiment_names, get_experiment, study_experiments, STUDIES
+# nothing heavy here: torch and transformers load inside the commands, after the arguments parse (`--help` is instant)
+STUDY_NAMES = ("paper", "smoke")   # the keys of `quantstudy.experiments.STUDIES`, checked below
 
 # %% auto #0
-__all__ = ['parse_overrides', 'main']
+__all__ = ['STUDY_NAMES', 'parse_overrides', 'main']
 
 # %% ../nbs/11_cli.ipynb #e88d0e57
 def parse_overrides(pairs: list[str] | None) -> dict:
     "`['max_steps=50', 'model.n_layer=2']` -> `{'max_steps': 50, 'model': {'n_layer': 2}}`."
     out = {}
     for pair in pairs or []:
-        if "=" not in pair: raise SystemExit(f"override {pair!r} is not key=value (e.g. -o max_steps=50)")
-        key, raw = pair.split("=", 1)
+        key, eq, raw = pair.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(parts): raise ValueError(f"override {pair!r} is not key=value (e.g. -o max_steps=50 or -o model.n_layer=6)")
         try: value = json.loads(raw)
         except json.JSONDecodeError: value = raw
-        *parents, leaf = key.split(".")
+        *parents, leaf = parts
         d = out
-        for p in parents: d = d.setdefault(p, {})
-        d[leaf] = value
+        for i, p in enumerate(parents):
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict): raise ValueError(f"override {pair!r}: {'.'.join(parents[:i + 1])} was given a value already")
+        if isinstance(d.get(leaf), dict) and isinstance(value, dict): d[leaf] = {**d[leaf], **value}
+        elif leaf in d and isinstance(d[leaf], dict): raise ValueError(f"override {pair!r}: {key} was given fields already")
+        else: d[leaf] = value
     return out
 
 # %% ../nbs/11_cli.ipynb #538ca5c4
+def _positive(s: str) -> int:
+    "An argparse type: an int >= 1."
+    try: v = int(s)
+    except ValueError: v = 0
+    if v < 1: raise argparse.ArgumentTypeError(f"{s!r} is not an int >= 1")
+    return v
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("quantstudy", description="Quantized pre-training of GPT-2: experiments, sweeps and reports.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser("quantstudy", description="Quantized pre-training of GPT-2: experiments, sweeps and reports.",
+                                epilog="Bad input fails before anything runs, with one line on stderr and exit status 2; "
+                                       "a run that fails has exit status 1.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{list,run,sweep,study,report}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--runs-root", default="papermill_runs", help="where executed notebooks and run directories go")
+    common.add_argument("--runs-root", default="papermill_runs", metavar="DIR",
+                        help="where executed notebooks and run directories go (default: papermill_runs)")
     common.add_argument("--preset", default=None, choices=("paper", "smoke"), help="default: paper for the paper study, else smoke")
-    common.add_argument("-o", "--override", action="append", metavar="KEY=VALUE", help="override a TrainConfig field")
-    common.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun, DDP)")
-    common.add_argument("--force", action="store_true", help="run again even if a finished results.json exists")
+    common.add_argument("-o", "--override", action="append", metavar="KEY=VALUE",
+                        help="a TrainConfig field (JSON value, else a string), repeatable: -o max_steps=50 -o lr=1e-3 "
+                             "-o model.n_layer=6 (a model field merges into the preset's) -o corpus=wikitext2")
+    common.add_argument("--nproc", type=_positive, default=1, metavar="N", help="processes per run (torchrun, DDP; default 1)")
+    common.add_argument("--force", action="store_true",
+                        help="start the run directory again from scratch (deletes its checkpoints), also under another configuration")
+    common.add_argument("--quiet", action="store_true", help="do not stream the run's output (training progress) here")
     s = sub.add_parser("list", help="list experiments and studies")
-    s.add_argument("--study", default=None, choices=sorted(STUDIES))
+    s.add_argument("--study", default=None, choices=STUDY_NAMES, help="only the experiments of this study")
     s = sub.add_parser("run", parents=[common], help="run one experiment")
-    s.add_argument("experiment"); s.add_argument("--study", default="smoke")
+    s.add_argument("experiment", help="an experiment name (see `quantstudy list`), e.g. w8a8")
+    s.add_argument("--study", default="smoke", metavar="NAME",
+                   help="the study folder the run goes to under the runs root: letters, digits, _ - . (default: smoke)")
     for name, help in (("sweep", "run every experiment of a study"), ("study", "sweep a study, then write its report")):
         s = sub.add_parser(name, parents=[common], help=help)
-        s.add_argument("study", choices=sorted(STUDIES))
-        s.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"))
-        s.add_argument("--jobs", type=int, default=1, help="experiments at once (local executor)")
-        s.add_argument("--only", nargs="+", help="a subset of the study's experiments")
-        s.add_argument("--slurm-partition", default=None); s.add_argument("--gpus", type=int, default=None)
-        s.add_argument("--time", type=int, default=None, help="SLURM time limit in minutes")
-        s.add_argument("--out", default="figures", help="report output root")
+        s.add_argument("study", choices=STUDY_NAMES, help="the study to sweep")
+        s.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"), help="default: local")
+        s.add_argument("--jobs", type=_positive, default=1, metavar="N", help="experiments at once (local executor; default 1)")
+        s.add_argument("--only", nargs="+", metavar="EXP", help="a subset of the study's experiments")
+        s.add_argument("--slurm-partition", default=None, metavar="NAME", help="SLURM partition (slurm executor)")
+        s.add_argument("--gpus", type=_positive, default=None, metavar="N", help="GPUs per SLURM job (default: --nproc)")
+        s.add_argument("--time", type=_positive, default=None, metavar="MIN", help="SLURM time limit in minutes (default: 5 days)")
+        s.add_argument("--out", default="figures", metavar="DIR", help="report output root (default: figures)")
         s.add_argument("--reference", default=None, metavar="RUNS_ROOT",
-                       help="then compare every run with the same study under RUNS_ROOT (e.g. the committed papermill_runs): "
-                            "exit 1 unless all reproduce it")
+                       help="then compare every run with the same study under RUNS_ROOT (e.g. the committed "
+                            "papermill_runs): exit 1 unless all reproduce it")
     s = sub.add_parser("report", help="compile a study's tables and figures from its results.json files")
-    s.add_argument("study"); s.add_argument("--runs-root", default="papermill_runs"); s.add_argument("--out", default="figures")
+    s.add_argument("study", help="a study folder under the runs root, e.g. smoke")
+    s.add_argument("--runs-root", default="papermill_runs", metavar="DIR", help="default: papermill_runs")
+    s.add_argument("--out", default="figures", metavar="DIR", help="the report goes to DIR/<study> (default: figures)")
     return p
+
 
 # %% ../nbs/11_cli.ipynb #d07c11be
 def _list(study):
+    from quantstudy.experiments import STUDIES, experiment_names, get_experiment, study_experiments
     names = study_experiments(study) if study else experiment_names()
     for n in names:
         e = get_experiment(n)
         print(f"{n:16s} {e.recipe.name if e.base is None else f'PTQ {e.ptq.name} of {e.base}':40s} {' '.join(e.figures + e.tables)}")
     if not study: print("\nstudies: " + ", ".join(f"{k} ({len(v)})" for k, v in STUDIES.items()))
+    return 0
+
+def _report(args):
+    from quantstudy.report import report
+    for p in report(args.study, runs_root=args.runs_root, out_root=args.out): print(p)
+    return 0
+
+def _failures(results: dict, runs_root, study) -> int:
+    "Name each failed run and why on stderr; the exit status (1 if any failed)."
+    failed = {n: r for n, r in results.items() if r.get("status") == "failed"}
+    for n, r in failed.items():
+        print(f"quantstudy: {n} failed: {r.get('reason')} (see {Path(runs_root) / study / n / 'results.json'})", file=sys.stderr)
+    return 1 if failed else 0
+
+def _run(args):
+    from quantstudy import runner
+    overrides = parse_overrides(args.override)
+    if args.command == "run":
+        r = runner.run_experiment(args.experiment, args.study, args.preset, overrides, args.runs_root, args.nproc,
+                                  force=args.force, progress=not args.quiet)
+        print(runner.summary_table({args.experiment: r}))
+        return _failures({args.experiment: r}, args.runs_root, args.study)
+    slurm = dict(partition=args.slurm_partition, gpus=args.gpus, time=args.time)
+    res = runner.sweep(args.study, args.executor, args.jobs, args.preset, overrides, args.runs_root, args.nproc,
+                       args.force, args.only, {k: v for k, v in slurm.items() if v is not None},
+                       progress=not args.quiet and args.jobs == 1)
+    status = _failures(res, args.runs_root, args.study)
+    if args.command == "study": _report(args)
+    if args.reference:   # make smoke: this machine's runs against the committed reference
+        table, reproduced = runner.compare_studies(args.study, args.runs_root, args.reference)
+        print(f"\nThis machine against the reference {args.reference}/{args.study}:\n{table}")
+        if not reproduced: return 1
+    return status
 
 def main(argv: list[str] | None = None) -> int:
     "The `quantstudy` command."
     args = _parser().parse_args(argv)
-    from quantstudy import runner
-    if args.command == "list": _list(args.study); return 0
-    if args.command == "report":
-        from quantstudy.report import report
-        for p in report(args.study, runs_root=args.runs_root, out_root=args.out): print(p)
-        return 0
-    overrides = parse_overrides(args.override)
     try:
-        if args.command == "run":
-            r = runner.run_experiment(args.experiment, args.study, args.preset, overrides, args.runs_root, args.nproc, force=args.force)
-            print(runner.summary_table({args.experiment: r}))
-            return 0 if r["status"] != "failed" else 1
-        slurm = dict(partition=args.slurm_partition, gpus=args.gpus, time=args.time)
-        res = runner.sweep(args.study, args.executor, args.jobs, args.preset, overrides, args.runs_root, args.nproc,
-                           args.force, args.only, {k: v for k, v in slurm.items() if v is not None})
-        if args.command == "study":
-            from quantstudy.report import report
-            for p in report(args.study, runs_root=args.runs_root, out_root=args.out): print(p)
-        if args.reference:
-            table, reproduced = runner.compare_studies(args.study, args.runs_root, args.reference)
-            print(f"\nThis machine against the reference {args.reference}/{args.study}:\n{table}")
-            if not reproduced: return 1
-        return 0 if all(r.get("status") != "failed" for r in res.values()) else 1
-    except (ValueError, FileNotFoundError) as e:
-        print(f"quantstudy {args.command}: {e}", file=sys.stderr); return 2
+        if args.command == "list": return _list(args.study)
+        if args.command == "report": return _report(args)
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:   # bad input: one line, no traceback
+        print(f"quantstudy {args.command}: {' '.join(str(e).split())}", file=sys.stderr); return 2

@@ -6,7 +6,7 @@
 from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
-import hashlib, json, os, re, time
+import hashlib, json, os, re, sys, time
 import numpy as np, torch
 import datasets, pyarrow.compute as pc
 from transformers import GPT2TokenizerFast
@@ -14,7 +14,7 @@ from transformers import GPT2TokenizerFast
 # %% auto #0
 __all__ = ['DATA_ENV', 'CACHE_ENV', 'HOW_TO', 'GPT2_VOCAB', 'SPLITS', 'ALIASES', 'DOCS', 'OWT_SEED', 'CORPORA', 'FORMAT',
            'data_root', 'require_data_root', 'load_tokenizer', 'tokenizer_hash', 'Corpus', 'heldout_split',
-           'load_corpus', 'token_cache_dir', 'tokenize_corpus', 'BlockDataset']
+           'check_corpus', 'load_corpus', 'token_cache_dir', 'cache_problem', 'tokenize_corpus', 'BlockDataset']
 
 # %% ../nbs/04_data.ipynb #29713089
 DATA_ENV, CACHE_ENV = "QUANTSTUDY_DATA", "QUANTSTUDY_CACHE"
@@ -152,7 +152,13 @@ def _split_of(filename: str) -> str | None:
 
 def _path_corpus(path: Path, split) -> tuple[Corpus, str, list[Path]]:
     split = _split_name(split, SPLITS, path)
-    if path.is_file(): files = [path]
+    if path.is_file():   # one file is one split: the one its name says, else only `test` (a text to evaluate on)
+        named = _split_of(path.name)
+        if named != split and not (named is None and split == "test"):
+            says = f"its name says {named}" if named else "its name names no split, so it serves only test"
+            raise ValueError(f"corpus {path} is a single file ({says}), so it cannot be the {split} split: training would "
+                             f"validate on its own text. Use a directory holding one file per split, e.g. train.txt and valid.txt")
+        files = [path]
     else:
         files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")
                        and f.suffix != ".md" and _split_of(f.name) == split)
@@ -161,6 +167,10 @@ def _path_corpus(path: Path, split) -> tuple[Corpus, str, list[Path]]:
             raise FileNotFoundError(f"no {split} file in {path}: name one like '{split}.txt' or 'x.{split}.txt' "
                                     f"(aliases {[a for a, s in ALIASES.items() if s == split]}); found {names}")
     return Corpus(str(path.resolve()), None, docs="paragraphs"), split, files
+
+def check_corpus(name, split, data_dir=None) -> list[Path] | None:
+    "The local files (None: the hub) split `split` of corpus `name` is read from; fails at once, in one line, if it cannot be."
+    return _resolve(name, split, data_dir)[2]
 
 def _resolve(name, split, data_dir=None) -> tuple[Corpus, str, list[Path] | None]:
     "The corpus, canonical split and local files (None: the hub) behind `name`/`split`; fails at once if missing."
@@ -193,10 +203,14 @@ def _hub(c: Corpus, split: str) -> datasets.Dataset:
 def _local(c: Corpus, split: str, files: list[Path]) -> datasets.Dataset:
     docs = []
     for f in files:
-        if f.suffix == ".jsonl" or c.docs == "jsonl":
-            with f.open(encoding="utf-8") as lines: docs += [json.loads(l)["text"] for l in lines if l.strip()]
-            continue
-        text = f.read_text(encoding="utf-8")
+        try:
+            if f.suffix == ".jsonl" or c.docs == "jsonl":
+                with f.open(encoding="utf-8") as lines: docs += [json.loads(l)["text"] for l in lines if l.strip()]
+                continue
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"corpus file {f} is not UTF-8 text (byte {e.start}: {e.reason}): "
+                             f"convert it, e.g. iconv -f latin1 -t utf-8") from None
         if c.cut:
             a, b = {"train": (0, c.cut[0]), "validation": c.cut, "test": (c.cut[1], 1)}[split]
             text = text[int(a * len(text)):int(b * len(text))]
@@ -261,9 +275,20 @@ def _write(path: Path, toks: datasets.Dataset, max_tokens: int | None, meta: dic
             i += len(flat)
             if i == n: break
         out.flush(); del out
-        path.with_suffix(".json").write_text(json.dumps(dict(meta, tokens=n), indent=1))
+        side = path.with_suffix(".json")   # the sidecar first: a token file never has a stale one
+        side_tmp = side.with_name(f"{side.name}.{os.getpid()}.tmp")
+        side_tmp.write_text(json.dumps(dict(meta, tokens=n), indent=1)); os.replace(side_tmp, side)
         os.replace(tmp, path)   # atomic: `path` is either absent or complete
     finally: tmp.unlink(missing_ok=True)
+
+def cache_problem(path: Path) -> str | None:
+    "Why the token file `path` does not match its sidecar `.json` (missing, unreadable, another size), or None."
+    side = path.with_suffix(".json")
+    try: tokens = json.loads(side.read_text())["tokens"]
+    except FileNotFoundError: return f"its sidecar {side.name} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e: return f"its sidecar {side.name} does not load ({type(e).__name__}: {e})"
+    size = path.stat().st_size
+    return None if size == 2 * tokens else f"it has {size} bytes, its sidecar {side.name} records {tokens} tokens ({2 * tokens} bytes)"
 
 def tokenize_corpus(name: str | Path, split: str = "train", tokenizer=None, data_dir: str | Path | None = None,
                     cache_dir: str | Path | None = None, eos: bool = False, max_tokens: int | None = None,
@@ -277,7 +302,10 @@ def tokenize_corpus(name: str | Path, split: str = "train", tokenizer=None, data
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(c.name).name if c.hub is None else c.name)
     path = token_cache_dir(cache_dir) / f"{slug}-{split}-{key}.bin"
-    if path.exists(): return np.memmap(path, dtype=np.uint16, mode="r")
+    if path.exists():
+        problem = cache_problem(path)
+        if problem is None: return np.memmap(path, dtype=np.uint16, mode="r")
+        print(f"token cache {path}: {problem}; rebuilding it", file=sys.stderr)   # replaced atomically below
     t0, ds = time.perf_counter(), load_corpus(name, split, data_dir)
     if max_tokens is None: toks = _tokenize(ds, tokenizer, eos, num_proc)
     else:

@@ -284,6 +284,8 @@ if HFLM is not None:
                      batch_size=8, max_length=None, **kwargs):
             if (path is None) == (pretrained is None):
                 raise ValueError("give exactly one of path= (a run or model directory) and pretrained= (a model)")
+            if path is not None and not (model_dir(path) / "config.json").is_file():
+                raise FileNotFoundError(f"path={path}: not a run directory (with model/) or a model directory (no config.json)")
             if pretrained is None or isinstance(pretrained, (str, Path)):
                 pretrained = load_model(model_dir(path or pretrained))
                 if device and device.startswith("cuda") and not torch.cuda.is_available(): device = "cpu"
@@ -419,7 +421,9 @@ def main(argv: list[str] | None = None):
         argv += ["--include_path", str(TASKS_DIR)]
     from lm_eval.__main__ import cli_evaluate
     sys.argv = ["lm-eval", *argv]
-    cli_evaluate()
+    try: cli_evaluate()
+    except (ValueError, OSError) as e:   # an unknown task, a bad path=: one line, no traceback
+        raise SystemExit(f"python -m quantstudy.evaluate: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 def _in_notebook() -> bool:
     ip = sys.modules.get("IPython")

@@ -13,8 +13,8 @@ from .model import Recipe
 from .train import TrainConfig, preset
 
 # %% auto #0
-__all__ = ['GRID', 'PTQ', 'PPL_CORPORA', 'TASKS', 'EVALS', 'STUDIES', 'Experiment', 'experiment_names', 'get_experiment',
-           'study_experiments']
+__all__ = ['GRID', 'PTQ', 'PPL_CORPORA', 'TASKS', 'EVALS', 'EVAL_FIELDS', 'STUDIES', 'Experiment', 'check_evals',
+           'experiment_names', 'get_experiment', 'study_experiments']
 
 # %% ../nbs/08_experiments.ipynb #8027ed6f
 @dataclass(frozen=True)
@@ -83,6 +83,32 @@ EVALS = {
 }
 
 # %% ../nbs/08_experiments.ipynb #ccf89562
+EVAL_FIELDS = {"perplexity": ("corpora", "max_tokens"), "lambada": ("limit",), "downstream": ("tasks", "num_fewshot", "seeds", "limit")}
+
+def _opt_pos_int(v) -> bool: return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+def _names(v) -> bool: return isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) and x for x in v)
+
+def check_evals(ev: dict) -> dict:
+    "`ev` (evaluation -> its settings) if every key and value is one the template knows; else a one-line error."
+    for k, v in ev.items():
+        if k not in EVAL_FIELDS: raise ValueError(f"evals.{k}: unknown evaluation; use some of {list(EVAL_FIELDS)} (null drops one)")
+        if not isinstance(v, dict): raise ValueError(f"evals.{k}={v!r}: must be a dict of {list(EVAL_FIELDS[k])}")
+        bad = sorted(set(v) - set(EVAL_FIELDS[k]))
+        if bad: raise ValueError(f"evals.{k}: unknown fields {bad}; use some of {list(EVAL_FIELDS[k])}")
+    rules = [("perplexity", "corpora", _names, "a non-empty list of corpus names"),
+             ("perplexity", "max_tokens", _opt_pos_int, "null (all) or a positive int"),
+             ("lambada", "limit", _opt_pos_int, "null (all) or a positive int"),
+             ("downstream", "tasks", _names, "a non-empty list of lm-eval task names"),
+             ("downstream", "num_fewshot", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
+             ("downstream", "seeds", lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                                               and all(isinstance(s, int) and not isinstance(s, bool) for s in v), "a non-empty list of ints"),
+             ("downstream", "limit", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+              "null (all), a count or a fraction > 0")]
+    for k, field, ok, allowed in rules:
+        if k in ev and field in ev[k] and not ok(ev[k][field]):
+            raise ValueError(f"evals.{k}.{field}={ev[k][field]!r}: must be {allowed}")
+    return ev
+
 def experiment_names() -> list[str]:
     "Every experiment name: the pre-training grid, then the PTQ rows."
     return [*GRID, *PTQ]
@@ -92,8 +118,13 @@ def get_experiment(name: str, preset_name: str = "smoke", evals: dict | None = N
     if name not in GRID and name not in PTQ:
         raise ValueError(f"unknown experiment {name!r}: use one of {', '.join(experiment_names())}")
     if preset_name not in EVALS: raise ValueError(f"unknown preset {preset_name!r}: use one of {sorted(EVALS)}")
-    cfg = preset(preset_name, **overrides)
-    ev = {k: v for k, v in {**EVALS[preset_name], **(evals or {})}.items() if v is not None}  # None drops an evaluation
+    cfg = preset(preset_name, **overrides)   # every field checked; a dict override (`model`) merges into the preset's
+    if evals is not None and not isinstance(evals, dict): raise ValueError(f"evals={evals!r}: must be a dict (or null)")
+    ev = check_evals({k: v for k, v in {**EVALS[preset_name], **(evals or {})}.items() if v is not None})  # None drops one
+    if analyses is not None:
+        from quantstudy.analysis import ANALYSES
+        bad = [a for a in ([analyses] if isinstance(analyses, str) else analyses) if a not in ANALYSES]
+        if isinstance(analyses, str) or bad: raise ValueError(f"analyses={analyses!r}: must be a list of {sorted(ANALYSES)}")
     if name in PTQ:
         ptq, table = PTQ[name]
         return Experiment(name, Recipe(), cfg, {"perplexity": ev["perplexity"]}, (), (), (table,), base="baseline", ptq=ptq)

@@ -429,9 +429,12 @@ def render_summary(study: str, results: dict) -> str:
 # %% ../nbs/10_report.ipynb #455438bb
 def report(study: str, runs_root="papermill_runs", out_root="figures") -> list[Path]:
     "Write the figures, Tables 2-11 (md + csv) and `summary.md` of `runs_root/study` into `out_root/study`; return the paths."
-    src = Path(runs_root) / study
+    from quantstudy.runner import check_name, inside
+    src = Path(runs_root) / check_name("study", study)   # a plain name: `../x` reaches neither outside runs_root nor out_root
     if not src.is_dir(): raise FileNotFoundError(f"no results directory {src} for study {study!r}")
     results, out = load_results(src), Path(out_root) / study
+    inside(out, out_root)
+    if not results: raise FileNotFoundError(f"no <experiment>/results.json under {src}: run the study first (quantstudy sweep {study})")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for f in FIGURES:

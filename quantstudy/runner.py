@@ -4,36 +4,124 @@
 
 # %% ../nbs/09_runner.ipynb #6e2958e2
 from __future__ import annotations
-import json, os, platform, subprocess, sys, time, traceback
+import hashlib, json, os, platform, re, shutil, subprocess, sys, time, traceback
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import torch
 import quantstudy
 from .experiments import Experiment, get_experiment, study_experiments
-from .train import train, write_json, write_run_config
+from .train import ProgressLines, train, write_json, write_run_config
 
 # %% auto #0
-__all__ = ['SCHEMA', 'TEMPLATE', 'REPRODUCE_TOLERANCE', 'run_dir', 'read_results', 'is_finished', 'git_commit', 'cpu_name',
-           'provenance', 'base_results', 'train_experiment', 'run_experiment', 'summary_table', 'sweep', 'compare_runs',
-           'final_val_loss', 'compare_studies']
+__all__ = ['SCHEMA', 'TEMPLATE', 'SAFE_NAME', 'CONFIG_FILE', 'LOCK_FILE', 'RUN_MARKERS', 'REPRODUCE_TOLERANCE', 'run_dir',
+           'read_results', 'is_finished', 'RunInUse', 'check_name', 'inside', 'config_hash', 'check_config', 'run_lock',
+           'clear_run_dir', 'git_commit', 'cpu_name', 'provenance', 'base_results', 'train_experiment', 'check_inputs',
+           'run_experiment', 'summary_table', 'sweep', 'compare_runs', 'final_val_loss', 'compare_studies']
 
 # %% ../nbs/09_runner.ipynb #0f30d524
 SCHEMA = 1
 TEMPLATE = Path(quantstudy.__file__).resolve().parents[1] / "nbs" / "templates" / "experiment.ipynb"  # in the checkout
 
 def run_dir(study: str, name: str, runs_root="papermill_runs") -> Path:
-    "The output directory of experiment `name` of `study`."
-    return Path(runs_root) / study / name
+    "The output directory of experiment `name` of `study`, after checking both names and that it lies under `runs_root`."
+    out = Path(runs_root) / check_name("study", study) / check_name("experiment", name)
+    inside(out, runs_root)
+    return out
 
 def read_results(out_dir) -> dict | None:
-    "The `results.json` of a run directory, or None if the run never finished writing one."
+    "The `results.json` of a run directory, or None if the run never finished writing one; a damaged one is named."
     p = Path(out_dir) / "results.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists(): return None
+    try: r = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{p} does not load ({type(e).__name__}: {e}): delete it, or pass --force to run again from scratch") from None
+    if not isinstance(r, dict): raise ValueError(f"{p} is not a JSON object: delete it, or pass --force to run again from scratch")
+    return r
 
 def is_finished(out_dir) -> bool:
     "True if the run ended for good (`complete` or `diverged`): a sweep skips it."
     r = read_results(out_dir)
     return r is not None and r.get("status") in ("complete", "diverged")
+
+# %% ../nbs/09_runner.ipynb #a1cf9eb0
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+CONFIG_FILE, LOCK_FILE = "run_config.json", ".lock"
+RUN_MARKERS = (CONFIG_FILE, LOCK_FILE, "results.json", "train_result.json", "curves.json")
+
+class RunInUse(ValueError):
+    "Another process holds the run directory."
+
+def check_name(kind: str, name) -> str:
+    "`name` if it is a safe directory name (letters, digits, `_`, `-`, `.`; not starting with `.`), else a one-line error."
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ValueError(f"{kind} name {name!r}: use letters, digits, '_', '-' and '.' (not first), at most 100 characters")
+    return name
+
+def inside(path, root) -> Path:
+    "`path` resolved, after checking that it lies under `root` (resolved): nothing a run writes or deletes is outside it."
+    p, r = Path(path).resolve(), Path(root).resolve()
+    if p != r and r not in p.parents: raise ValueError(f"{path} resolves to {p}, outside the runs root {r}")
+    return p
+
+def _canonical(config: dict) -> dict: return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+def config_hash(config: dict) -> str:
+    "A short hash of a resolved configuration (JSON, keys sorted)."
+    return hashlib.sha256(json.dumps(_canonical(config), sort_keys=True).encode()).hexdigest()[:16]
+
+def _flat(d, prefix=""):
+    if not isinstance(d, dict): return {prefix[:-1]: d}
+    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()} if d else {prefix[:-1]: d}
+
+def _stored_config(out_dir) -> dict | None:
+    "The configuration a run directory was made with: `run_config.json`, else (older runs) `results.json`'s."
+    p = Path(out_dir) / CONFIG_FILE
+    if p.exists():
+        try: return json.loads(p.read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{p} does not load ({type(e).__name__}: {e}): pass --force to run again from scratch") from None
+    r = read_results(out_dir)
+    if r and isinstance(r.get("config"), dict): return {k: v for k, v in r["config"].items() if k != "overrides"}
+    return None
+
+def check_config(out_dir, config: dict, force: bool = False):
+    "Fail if the run in `out_dir` was made with another configuration than `config` (unless `force`); then record `config`."
+    out_dir, config = Path(out_dir), _canonical(config)
+    stored = None if force else _stored_config(out_dir)
+    if stored is not None and config_hash(stored) != config_hash(config):
+        old, new = _flat(_canonical(stored)), _flat(config)
+        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        raise ValueError(f"{out_dir} holds a run of another configuration ({'; '.join(changed[:4])}"
+                         f"{'; ...' if len(changed) > 4 else ''}): pass --force to start it again from scratch, or use another --study")
+    write_json(inside(out_dir / CONFIG_FILE, out_dir), dict(hash=config_hash(config), config=config))
+
+@contextmanager
+def run_lock(out_dir):
+    "Hold the run directory `out_dir` for this process alone (an OS-level `flock` on its `.lock`); a second holder fails at once."
+    import fcntl
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_FILE, "a+") as f:   # closing it releases the lock, also when the process dies
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0); holder = f.read().strip() or "another process"
+            raise RunInUse(f"{out_dir} is in use by {holder}: one writer per run directory; wait for it, "
+                           f"or use another --study or --runs-root") from None
+        f.seek(0); f.truncate(); f.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"); f.flush()
+        yield out_dir
+
+def clear_run_dir(out_dir, root=None):
+    "Empty the run directory `out_dir` (under `root` if given) but for its lock; a directory that is not a run's is refused."
+    out_dir = Path(out_dir)
+    if root is not None: inside(out_dir, root)
+    if not out_dir.is_dir(): return
+    entries = list(out_dir.iterdir())
+    if entries and not any(p.name in RUN_MARKERS or p.name.startswith("checkpoint-") for p in entries):
+        raise ValueError(f"{out_dir} does not look like a run directory (none of {RUN_MARKERS}): not deleting anything in it")
+    for p in entries:
+        if p.name == LOCK_FILE: continue
+        if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
+        else: p.unlink()   # a symlink itself, never what it points to
 
 # %% ../nbs/09_runner.ipynb #38e21319
 def git_commit(path=None) -> str | None:
@@ -71,7 +159,7 @@ def base_results(exp: Experiment, study: str, preset_name: str, overrides: dict)
 def train_experiment(exp: Experiment, out_dir, nproc: int = 1) -> dict:
     "Train `exp` into `out_dir` (resuming from its last checkpoint) on `nproc` processes; the train result."
     out_dir = Path(out_dir)
-    if nproc == 1: return train(exp.train, out_dir, exp.recipe)
+    if nproc == 1: return train(exp.train, out_dir, exp.recipe, callbacks=[ProgressLines()])   # a line per logged step
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out_dir / "run.json"
     write_run_config(cfg_path, exp.train, out_dir, exp.recipe)
@@ -93,29 +181,60 @@ def _relative_paths(nb_path, template):
     tmp = Path(nb_path).with_suffix(".tmp")
     nbformat.write(nb, tmp); os.replace(tmp, nb_path)
 
+def check_inputs(exp: Experiment, data_dir=None):
+    "Fail in one line, before any kernel starts, unless every corpus and split `exp` reads (training and evaluations) is there."
+    from quantstudy.data import ALIASES, HOW_TO, check_corpus, data_root
+    root, t = data_root(data_dir), exp.train   # a data root that is not a directory fails here
+    if root is not None and not any((root / "tokenizer" / "gpt2" / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+        raise FileNotFoundError(f"no GPT-2 tokenizer under {root / 'tokenizer' / 'gpt2'}: {HOW_TO}")
+    if exp.base is None:
+        for split in (t.train_split, t.val_split): check_corpus(t.corpus, split, t.data_dir)
+        if ALIASES.get(t.train_split.lower()) == ALIASES.get(t.val_split.lower()):
+            raise ValueError(f"val_split={t.val_split!r} is the training split {t.train_split!r}: validate on another split")
+    ev = exp.evals   # the template evaluates with the data root of the environment, on the test splits
+    for corpus in (ev.get("perplexity") or {}).get("corpora", ()): check_corpus(corpus, "test", data_dir)
+    if "lambada" in ev: check_corpus("lambada", "test", data_dir)
+    tasks = (ev.get("downstream") or {}).get("tasks", ())
+    if tasks and root is not None:   # offline, a task needs our config (its missing data makes it `skipped`, not a failure)
+        from quantstudy.evaluate import NO_LOCAL_DATA, TASK_FILES
+        unknown = [k for k in tasks if k not in TASK_FILES and k not in NO_LOCAL_DATA]
+        if unknown: raise ValueError(f"downstream tasks {unknown} have no offline config: use some of {[*TASK_FILES, *NO_LOCAL_DATA]}")
+
 def run_experiment(name: str, study: str = "smoke", preset_name: str | None = None, overrides: dict | None = None,
                    runs_root="papermill_runs", nproc: int = 1, seed: int = 0, force: bool = False,
-                   evals: dict | None = None, analyses: list | None = None, template=None, log_output: bool = False) -> dict:
-    "Execute experiment `name` of `study` with papermill; its `results.json` as a dict."
+                   evals: dict | None = None, analyses: list | None = None, template=None, log_output: bool = False,
+                   progress: bool = False) -> dict:
+    "Execute experiment `name` of `study` with papermill (`progress`: stream its output here); its `results.json` as a dict."
     preset_name = preset_name or ("paper" if study == "paper" else "smoke")
     overrides = dict(overrides or {})
-    exp = get_experiment(name, preset_name, evals, analyses, seed=seed, **overrides)  # bad names and overrides fail here, before any work
-    if nproc < 1: raise ValueError(f"nproc={nproc} must be at least 1")
-    out_dir, nb_out = run_dir(study, name, runs_root), Path(runs_root) / study / f"{name}.ipynb"
-    if not force and is_finished(out_dir): return read_results(out_dir)
-    import papermill as pm
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, nb_out = run_dir(study, name, runs_root), Path(runs_root) / study / f"{name}.ipynb"   # names first
+    exp = get_experiment(name, preset_name, evals, analyses, seed=seed, **overrides)  # bad values fail here, before any work
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1: raise ValueError(f"nproc={nproc!r}: must be an int >= 1")
+    check_inputs(exp)
+    if exp.base is not None and not is_finished(run_dir(study, exp.base, runs_root)):
+        raise FileNotFoundError(f"{name} quantizes the trained model of {exp.base!r}, but {run_dir(study, exp.base, runs_root)} "
+                                f"has no finished results.json: run `quantstudy run {exp.base} --study {study}` first")
     template = Path(template or TEMPLATE)
     if not template.exists(): raise FileNotFoundError(f"the template notebook {template} is missing (run from a quantstudy checkout)")
+    with run_lock(out_dir):   # one writer from here on
+        if force: clear_run_dir(out_dir, runs_root)
+        check_config(out_dir, exp.to_dict(), force)   # another configuration on this run: an error
+        if not force and is_finished(out_dir): return read_results(out_dir)
+        return _execute(exp, study, preset_name, overrides, runs_root, out_dir, nb_out, template, dict(
+            experiment=name, study=study, preset=preset_name, overrides=json.dumps(overrides),
+            evals=json.dumps(evals or {}),  # {}: the preset's evaluations
+            analyses=json.dumps(analyses),  # null: the experiment's own
+            out_dir=os.path.relpath(out_dir, Path(runs_root).resolve().parent), seed=seed, nproc=nproc,
+            force=False),  # cleared above, under the lock
+            log_output, progress)
+
+def _execute(exp, study, preset_name, overrides, runs_root, out_dir, nb_out, template, parameters, log_output, progress):
+    import papermill as pm
     t0 = time.time()
+    streams = dict(stdout_file=sys.stdout, stderr_file=sys.stderr) if progress else {}   # the kernel's output, live
     try:
-        pm.execute_notebook(str(template), str(nb_out), kernel_name="python3", progress_bar=False, log_output=log_output,
-                            cwd=str(Path(runs_root).resolve().parent), parameters=dict(
-                                experiment=name, study=study, preset=preset_name, overrides=json.dumps(overrides),
-                                evals=json.dumps(evals or {}),  # {}: the preset's evaluations
-                                analyses=json.dumps(analyses),  # null: the experiment's own
-                                out_dir=os.path.relpath(out_dir, Path(runs_root).resolve().parent), seed=seed, nproc=nproc,
-                                force=force))
+        pm.execute_notebook(str(template), str(inside(nb_out, runs_root)), kernel_name="python3", progress_bar=False,
+                            log_output=log_output, cwd=str(Path(runs_root).resolve().parent), parameters=parameters, **streams)
     except Exception as e:  # papermill's error names the cell; anything else (kernel died, ...) is recorded too
         res = read_results(out_dir) or base_results(exp, study, preset_name, overrides)
         where = f"cell {e.cell_index}: {e.ename}: {e.evalue}" if hasattr(e, "ename") else f"{type(e).__name__}: {e}"
@@ -145,8 +264,8 @@ def summary_table(results: dict) -> str:
 def sweep(study: str, executor: str = "local", jobs: int = 1, preset_name: str | None = None, overrides: dict | None = None,
           runs_root="papermill_runs", nproc: int = 1, force: bool = False, only: list | None = None,
           slurm: dict | None = None, per_experiment: dict | None = None, evals: dict | None = None,
-          analyses: list | None = None, quiet: bool = False) -> dict:
-    "Run every experiment of `study` (or those in `only`); a `{name: results}` dict, and a summary printed."
+          analyses: list | None = None, quiet: bool = False, progress: bool = False) -> dict:
+    "Run every experiment of `study` (or those in `only`; `progress`: stream each run's output); `{name: results}`, a summary printed."
     names = study_experiments(study)
     per_experiment = per_experiment or {}  # name -> extra overrides for that experiment alone
     if only:
@@ -155,10 +274,12 @@ def sweep(study: str, executor: str = "local", jobs: int = 1, preset_name: str |
         names = [n for n in names if n in only]
     if executor not in ("local", "slurm", "submitit-local"):
         raise ValueError(f"executor={executor!r} is not one of ('local', 'slurm', 'submitit-local')")
-    kw = dict(study=study, preset_name=preset_name, runs_root=str(runs_root), nproc=nproc, force=force, evals=evals, analyses=analyses)
+    kw = dict(study=study, preset_name=preset_name, runs_root=str(runs_root), nproc=nproc, force=force, evals=evals, analyses=analyses,
+              progress=progress)
     args = {n: dict(kw, overrides={**(overrides or {}), **per_experiment.get(n, {})}) for n in names}
-    for n, a in args.items():  # every name and override is checked before anything runs
-        get_experiment(n, preset_name or ("paper" if study == "paper" else "smoke"), evals, analyses, **a["overrides"])
+    for n, a in args.items():  # every name, override, corpus and split is checked before anything runs
+        run_dir(study, n, runs_root)
+        check_inputs(get_experiment(n, preset_name or ("paper" if study == "paper" else "smoke"), evals, analyses, **a["overrides"]))
     first, later = _order(names)
     if executor == "local": results = _sweep_local(first, later, jobs, args, quiet)
     else: results = _sweep_submitit(first, later, args, "local" if executor == "submitit-local" else "slurm", slurm or {}, kw)
@@ -170,7 +291,10 @@ def _record_failure(name, kw, e) -> dict:
     "Write (and return) a `failed` results.json for an experiment that could not even start."
     r = dict(schema=SCHEMA, study=kw["study"], experiment=name, status="failed", step=0,
              reason=f"{type(e).__name__}: {e}", curves=dict(train=[], val=[]), metrics={}, analysis={}, timings={})
-    write_json(run_dir(kw["study"], name, kw["runs_root"]) / "results.json", r)
+    if isinstance(e, RunInUse): return r   # the run is another process's: leave its directory alone
+    try:
+        with run_lock(run_dir(kw["study"], name, kw["runs_root"])) as d: write_json(d / "results.json", r)
+    except RunInUse: pass
     return r
 
 def _sweep_local(first, later, jobs, args, quiet):

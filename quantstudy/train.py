@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #cb3aa34a
 from __future__ import annotations
-import ctypes, dataclasses, json, math, os, shutil, sys, time
+import ctypes, dataclasses, json, math, os, re, shutil, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -12,15 +12,80 @@ from fastcore.script import call_parse
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.pytorch_utils import Conv1D
-from .model import Recipe, build_model, save_model
+from .model import SIZES, Recipe, build_model, save_model
 from .qlinear import QuantConv1D
 from .optim import QAdamW
 from .data import BlockDataset, load_tokenizer, tokenize_corpus
 
 # %% auto #0
-__all__ = ['PRESETS', 'TrainConfig', 'preset', 'use_bf16', 'tune_cpu_allocator', 'DivergenceCallback', 'write_json',
-           'curves_from_history', 'CurvesCallback', 'checkpoints', 'last_checkpoint', 'make_optimizer', 'training_args',
-           'datasets_for', 'train', 'write_run_config', 'main']
+__all__ = ['FIELD_RULES', 'PRESETS', 'CHECKPOINT_JSON', 'CHECKPOINT_TORCH', 'check_model_fields', 'TrainConfig', 'preset',
+           'use_bf16', 'tune_cpu_allocator', 'DivergenceCallback', 'write_json', 'curves_from_history',
+           'CurvesCallback', 'ProgressLines', 'checkpoint_problem', 'checkpoints', 'last_checkpoint',
+           'resume_checkpoint', 'make_optimizer', 'training_args', 'datasets_for', 'train', 'write_run_config', 'main']
+
+# %% ../nbs/05_train.ipynb #3585fff8
+def _int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)   # JSON `true` is not a step count
+def _real(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _name(v) -> bool: return isinstance(v, str) and v.strip() != ""
+
+_POS_INT = (lambda v: _int(v) and v >= 1, "a positive int")
+FIELD_RULES = {  # TrainConfig field -> (check, what is allowed); corpus and split existence are checked by the runner
+    "size": (lambda v: isinstance(v, str) and v in SIZES, f"one of {tuple(SIZES)}"),
+    "model": (lambda v: isinstance(v, dict), "a dict of GPT2Config fields, e.g. {\"n_layer\": 4}"),
+    "corpus": (_name, "a corpus name (quantstudy.data.CORPORA) or the path of a local corpus directory"),
+    "train_split": (_name, "a split name: train, validation (valid, val, dev) or test"),
+    "val_split": (_name, "a split name: train, validation (valid, val, dev) or test"),
+    "data_dir": (lambda v: v is None or _name(v), "null ($QUANTSTUDY_DATA, else the hub) or a data root path"),
+    **{k: _POS_INT for k in ("block_size", "batch_size", "micro_batch_size", "max_steps", "eval_every", "log_every",
+                             "save_every", "diverge_patience")},
+    "lr": (lambda v: _real(v) and v > 0, "a finite number > 0, e.g. 6e-4"),
+    "warmup_steps": (lambda v: _int(v) and v >= 0, "an int >= 0"),
+    "weight_decay": (lambda v: _real(v) and v >= 0, "a finite number >= 0"),
+    "betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_real(b) and 0 <= b < 1 for b in v),
+              "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+    "eps": (lambda v: _real(v) and v > 0, "a finite number > 0, e.g. 1e-8"),
+    "grad_clip": (lambda v: _real(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+    "dropout": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "precision": (lambda v: v in ("auto", "bf16", "fp32"), "one of ('auto', 'bf16', 'fp32')"),
+    "eval_blocks": (lambda v: v is None or _POS_INT[0](v), "null (the whole split) or a positive int"),
+    "save_total_limit": (lambda v: v is None or _POS_INT[0](v), "null (keep all) or a positive int"),
+    "seed": (lambda v: _int(v) and v >= 0, "an int >= 0"),
+    "eos": (lambda v: isinstance(v, bool), "true or false"),
+    "max_train_tokens": (lambda v: v is None or _POS_INT[0](v), "null (the whole split) or a positive int"),
+    "diverge_loss": (lambda v: v is None or (_real(v) and v > 0), "null (ln of the vocabulary size) or a number > 0"),
+    "diverge_rise": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+}
+
+_SET_ELSEWHERE = {"n_positions": "block_size", "resid_pdrop": "dropout", "embd_pdrop": "dropout", "attn_pdrop": "dropout",
+                  "vocab_size": "nothing (the GPT-2 tokenizer fixes it)"}
+
+def check_model_fields(size: str, model: dict):
+    "Fail in one line unless `model` holds known `GPT2Config` fields of the right types that fit `size`'s shape."
+    from transformers import GPT2Config
+    defaults = {**GPT2Config().to_dict(), "attn_implementation": "sdpa"}
+    for k, v in model.items():
+        where = f"model.{k}={v!r}"
+        if k in _SET_ELSEWHERE: raise ValueError(f"{where}: set by TrainConfig, use {_SET_ELSEWHERE[k]} instead")
+        if k not in defaults or k.startswith("_") or k in ("architectures", "model_type", "transformers_version"):
+            known = ", ".join(f for f in ("n_layer", "n_head", "n_embd", "n_inner", "activation_function",
+                                          "layer_norm_epsilon", "initializer_range", "attn_implementation"))
+            raise ValueError(f"{where}: unknown GPT2Config field; use {known} or another GPT2Config field")
+        d = defaults[k]
+        if k in ("n_layer", "n_head", "n_embd") and not (_int(v) and v >= 1): raise ValueError(f"{where}: must be a positive int")
+        if k == "n_inner" and not (v is None or (_int(v) and v >= 1)): raise ValueError(f"{where}: must be null (4 x n_embd) or a positive int")
+        if k == "attn_implementation" and v not in ("eager", "sdpa", "flash_attention_2"):
+            raise ValueError(f"{where}: must be one of ('eager', 'sdpa', 'flash_attention_2')")
+        if k == "activation_function":
+            from transformers.activations import ACT2FN
+            if v not in ACT2FN: raise ValueError(f"{where}: must be one of {sorted(ACT2FN)}")
+        if isinstance(d, bool) and not isinstance(v, bool): raise ValueError(f"{where}: must be true or false")
+        if isinstance(d, float) and not (_real(v) and v >= 0): raise ValueError(f"{where}: must be a finite number >= 0")
+        if _int(d) and not _int(v): raise ValueError(f"{where}: must be an int")
+        if isinstance(d, str) and not isinstance(v, str): raise ValueError(f"{where}: must be a string")
+    shape = {**SIZES[size], **model}
+    if shape["n_embd"] % shape["n_head"]:
+        raise ValueError(f"model.n_head={shape['n_head']} (with n_embd={shape['n_embd']}, size {size!r}): "
+                         f"the heads must divide the width, n_embd % n_head == 0")
 
 # %% ../nbs/05_train.ipynb #6e31e836
 @dataclass(frozen=True)
@@ -57,9 +122,12 @@ class TrainConfig:
     diverge_patience: int = 2               # for this many evaluations in a row
 
     def __post_init__(self):
-        for k in ("block_size", "batch_size", "micro_batch_size", "max_steps", "eval_every", "log_every", "save_every"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
-                raise ValueError(f"{k}={getattr(self, k)!r} must be a positive int")
+        for k, (ok, allowed) in FIELD_RULES.items():   # every field: its type and range, in one line each
+            v = getattr(self, k)
+            if not ok(v): raise ValueError(f"{k}={v!r}: must be {allowed}")
+        check_model_fields(self.size, self.model)
+        if self.max_train_tokens is not None and self.max_train_tokens < self.block_size:
+            raise ValueError(f"max_train_tokens={self.max_train_tokens}: must be at least block_size={self.block_size} (one block)")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -93,9 +161,12 @@ PRESETS = {
 }
 
 def preset(name: str, **overrides) -> TrainConfig:
-    "The `paper` or `smoke` training recipe, with `overrides`."
+    "The `paper` or `smoke` training recipe, with `overrides`; a dict override (`model`) merges into the preset's dict."
     if name not in PRESETS: raise ValueError(f"unknown preset {name!r}: use one of {sorted(PRESETS)}")
-    return PRESETS[name].replace(**overrides)
+    base = PRESETS[name]
+    merged = {k: {**getattr(base, k), **v} if isinstance(v, dict) and isinstance(getattr(base, k, None), dict) else v
+              for k, v in overrides.items()}
+    return base.replace(**merged)
 
 # %% ../nbs/05_train.ipynb #53985a20
 def use_bf16(cfg: TrainConfig) -> bool:
@@ -162,20 +233,70 @@ class CurvesCallback(TrainerCallback):
     def on_log(self, args, state, control, **kw):
         if state.is_world_process_zero: write_json(self.path, curves_from_history(state.log_history))
 
+# %% ../nbs/05_train.ipynb #581453d6
+class ProgressLines(TrainerCallback):
+    "Print one line per logged step and per evaluation (rank 0): the progress of a run that runs where no bar shows, e.g. in a papermill kernel."
+    def __init__(self, file=None): self.file, self.t0 = file, time.time()
+    def _say(self, state, what):
+        if state.is_world_process_zero:
+            print(f"step {state.global_step}/{state.max_steps} {what} ({time.time() - self.t0:.0f} s)", file=self.file or sys.stdout, flush=True)
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self._say(state, f"loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.3g} grad_norm {logs.get('grad_norm', float('nan')):.3g}")
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if metrics and "eval_loss" in metrics: self._say(state, f"eval_loss {metrics['eval_loss']:.4f}")
+
 # %% ../nbs/05_train.ipynb #01821d9f
+CHECKPOINT_JSON = ("trainer_state.json", "config.json")
+CHECKPOINT_TORCH = ("optimizer.pt", "scheduler.pt")   # and one rng_state*.pth per process
+
+def checkpoint_problem(path) -> str | None:
+    "Why the checkpoint directory `path` cannot be resumed from (a file missing or not loadable), or None if it is complete."
+    path = Path(path)
+    for name in CHECKPOINT_JSON:
+        try: json.loads((path / name).read_text())
+        except FileNotFoundError: return f"{name} is missing"
+        except (OSError, ValueError) as e: return f"{name} does not load: {type(e).__name__}: {e}"
+    if not (path / "model.safetensors").is_file(): return "model.safetensors is missing"
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f: list(f.keys())   # header and sizes
+    except Exception as e: return f"model.safetensors does not load: {type(e).__name__}: {e}"
+    rng = sorted(path.glob("rng_state*.pth"))
+    if not rng: return "rng_state.pth is missing"
+    from transformers.trainer_pt_utils import safe_globals   # the numpy types the Trainer allows in its RNG state
+    for f in [path / n for n in CHECKPOINT_TORCH] + rng:
+        if not f.is_file(): return f"{f.name} is missing"
+        try:
+            with safe_globals(): torch.load(f, map_location="cpu", weights_only=True, mmap=True)   # as the Trainer does, data unread
+        except Exception as e: return f"{f.name} does not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+def _checkpoint_dirs(out_dir) -> dict[int, Path]:
+    found = [(re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", p.name), p) for p in Path(out_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")]
+    return dict(sorted((int(m[1]), p) for m, p in found if m and p.is_dir()))
+
 def checkpoints(out_dir) -> dict[int, Path]:
-    "The complete checkpoints in `out_dir` (those whose `trainer_state.json` was written), by step."
-    done = [p for p in Path(out_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (p / "trainer_state.json").exists()]
-    return dict(sorted((int(p.name.rsplit("-", 1)[1]), p) for p in done))
+    "The complete checkpoints in `out_dir` (every file present and loadable, see `checkpoint_problem`), by step."
+    return {s: p for s, p in _checkpoint_dirs(out_dir).items() if checkpoint_problem(p) is None}
 
 def last_checkpoint(out_dir) -> Path | None:
     "The newest complete checkpoint in `out_dir`, or None."
     done = checkpoints(out_dir)
     return done[max(done)] if done else None
 
-def _drop_partial_checkpoints(out_dir):
-    for p in Path(out_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        if not (p / "trainer_state.json").exists(): shutil.rmtree(p, ignore_errors=True)
+def resume_checkpoint(out_dir, resume: bool = True, log=print) -> Path | None:
+    "The newest complete checkpoint of `out_dir` (None if `not resume`); incomplete ones are removed, each logged with why."
+    keep, rank0 = None, int(os.environ.get("RANK", "0")) == 0
+    for step, p in sorted(_checkpoint_dirs(out_dir).items(), reverse=True):
+        why = checkpoint_problem(p)
+        if why is None:
+            keep = keep or p
+            continue
+        if rank0: log(f"resume: skipping {p.name}, incomplete ({why}); removed")
+        if rank0: shutil.rmtree(p, ignore_errors=True)   # the Trainer would write into it, or rotate a good one out
+    if resume and keep is not None and rank0: log(f"resume: from {keep.name}")
+    return keep if resume else None
 
 # %% ../nbs/05_train.ipynb #ac4a0a06
 def make_optimizer(model, cfg: TrainConfig, recipe: Recipe | None = None):
@@ -237,8 +358,7 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
     opt, sched = make_optimizer(model, cfg, recipe)
     bound = cfg.diverge_loss if cfg.diverge_loss is not None else math.log(model.config.vocab_size)
     diverge = DivergenceCallback(bound, cfg.diverge_rise, cfg.diverge_patience)
-    _drop_partial_checkpoints(out_dir)
-    ckpt = last_checkpoint(out_dir) if resume else None
+    ckpt = resume_checkpoint(out_dir, resume)
     trainer = Trainer(model=model, args=training_args(cfg, out_dir, eval_on_start=ckpt is None), train_dataset=train_ds,
                       eval_dataset=val_ds, optimizers=(opt, sched),
                       callbacks=[diverge, CurvesCallback(out_dir / "curves.json"), *callbacks])
@@ -269,5 +389,5 @@ def main(config: str = None,  # path of a run.json written by `write_run_config`
     if not config or not Path(config).is_file(): raise SystemExit(f"--config {config!r}: no such run.json file")
     d = json.loads(Path(config).read_text())
     recipe = Recipe.from_dict(d["recipe"]) if d.get("recipe") else None
-    res = train(TrainConfig.from_dict(d["train"]), d["out_dir"], recipe, resume=not no_resume)
+    res = train(TrainConfig.from_dict(d["train"]), d["out_dir"], recipe, resume=not no_resume, callbacks=[ProgressLines()])
     if int(os.environ.get("RANK", "0")) == 0: print(json.dumps({k: res[k] for k in ("status", "step", "reason")}))

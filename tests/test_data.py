@@ -73,7 +73,8 @@ def test_local_file_and_directory(tmp_path):
     (tmp_path / "my.valid.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
     assert list(load_corpus(tmp_path, "train")["text"]) == ["one\n\n", "two\nlines\n\n\n", "three"]
     assert list(load_corpus(tmp_path, "val")["text"]) == ["a", "b"]
-    assert list(load_corpus(tmp_path / "train.txt", "test")["text"]) == ["one\n\n", "two\nlines\n\n\n", "three"]
+    assert list(load_corpus(tmp_path / "train.txt", "train")["text"]) == ["one\n\n", "two\nlines\n\n\n", "three"]
+    with pytest.raises(ValueError, match="single file"): load_corpus(tmp_path / "train.txt", "test")   # not its own split
 
 def test_owt_split_is_deterministic_and_disjoint(data_dir):
     full = data._paragraphs((data_dir / "openwebtext-sample/openwebtext_first100docs.txt").read_text())

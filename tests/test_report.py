@@ -135,11 +135,10 @@ def test_tolerant_loading(tmp_path):
     assert load_results(tmp_path / "nowhere") == {}
     with pytest.raises(FileNotFoundError, match="no results directory"): report("nope", tmp_path, tmp_path / "out")
 
-def test_empty_study_still_writes_everything(tmp_path):
+def test_empty_study_is_an_error_not_empty_figures(tmp_path):
     (tmp_path / "runs" / "empty").mkdir(parents=True)
-    paths = report("empty", tmp_path / "runs", tmp_path / "out")
-    assert all(p.exists() for p in paths)
-    assert "not run" in (tmp_path / "out" / "empty" / "table03_activations_ppl.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no <experiment>/results.json under"): report("empty", tmp_path / "runs", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 def test_metric_variants():
     r = fake_results("baseline")

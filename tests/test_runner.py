@@ -38,10 +38,12 @@ def test_run_rerun_and_relative_paths(tmp_path, executions):
 
 def test_sweep_records_a_broken_experiment_and_goes_on(tmp_path, executions):
     root = tmp_path / "papermill_runs"
+    latin = tmp_path / "latin1"; latin.mkdir()   # passes every up-front check, fails to load in the kernel
+    for split in ("train", "valid"): (latin / f"{split}.txt").write_bytes("caf\xe9\n\n".encode("latin1") * 100)
     res = sweep("smoke", only=["baseline", "w8-channel", "ptq-w8-channel"], overrides={**TINY}, evals=EVALS,
-                analyses=["second_moment"], runs_root=root, per_experiment={"w8-channel": {"corpus": "no-such-corpus"}},
+                analyses=["second_moment"], runs_root=root, per_experiment={"w8-channel": {"corpus": str(latin)}},
                 quiet=True)
-    assert res["w8-channel"]["status"] == "failed" and "no-such-corpus" in res["w8-channel"]["reason"]
+    assert res["w8-channel"]["status"] == "failed" and "is not UTF-8" in res["w8-channel"]["reason"]
     assert "cell" in res["w8-channel"]["reason"]                      # papermill names where it failed
     assert res["baseline"]["status"] == "complete" and res["ptq-w8-channel"]["status"] == "complete"
     assert read_results(root / "smoke" / "w8-channel")["status"] == "failed"
