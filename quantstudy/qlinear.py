@@ -15,7 +15,7 @@ from .quantizers import QuantSpec, quantize, dequantize, compile_policy
 
 # %% auto #0
 __all__ = ['BACKWARDS', 'KERNELS', 'MODULE_SETS', 'HEAD', 'LinearQuant', 'quant_linear', 'QuantLinear', 'QuantConv1D',
-           'linear_modules', 'select_modules', 'quantize_model', 'quantized_modules', 'int8_matmul']
+           'linear_modules', 'select_modules', 'quantize_model', 'quantized_modules', 'int8_matmul', 'int_mm_cpu_ratio']
 
 # %% ../nbs/01_qlinear.ipynb #3812e007
 BACKWARDS = ("paper", "quantized")
@@ -326,6 +326,33 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Te
     else: y = _int_mm_rescaled(a, b, sa, sb, bias, dtype)
     return y[:m, :n] if pad else y
 
+# %% ../nbs/01_qlinear.ipynb #5dc6169f
+_INT_MM_RATIO = {}   # "cpu" -> time of torch._int_mm / time of the fp32 mm, measured once per process
+
+def _time_int_mm(m: int = 256, k: int = 512, n: int = 512, reps: int = 3) -> float:
+    "Best-of-`reps` time of `torch._int_mm` over that of the fp32 `mm` of the same `[m, k] x [k, n]` product, on the CPU."
+    import time
+    gen = torch.Generator().manual_seed(0)   # its own generator: the global RNG stream (and training) is untouched
+    a8, b8 = (torch.randint(-127, 128, s, generator=gen, dtype=torch.int8) for s in ((m, k), (n, k)))
+    a, b = a8.float(), b8.float()
+    def best(f):
+        f()   # warm-up: oneDNN picks and caches its kernel at the first call
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+        return max(min(ts), 1e-9)
+    with torch.no_grad(): return best(lambda: torch._int_mm(a8, b8.t())) / best(lambda: a.mm(b.t()))
+
+def int_mm_cpu_ratio() -> float:
+    "`torch._int_mm`'s time over the fp32 `mm`'s on this CPU: measured at the first call, then cached; warns once if above 1."
+    if "cpu" not in _INT_MM_RATIO:
+        r = _INT_MM_RATIO["cpu"] = _time_int_mm()
+        if r > 1:
+            warnings.warn(f"quantstudy: on this CPU torch._int_mm takes {r:.1f}x the time of an fp32 mm of the same shape "
+                          "(no fast int8 path such as AVX512-VNNI or AMX), so LinearQuant(kernel='int8') is slower here than "
+                          "kernel='fake'; the results are the same either way", stacklevel=2)
+    return _INT_MM_RATIO["cpu"]
+
 # %% ../nbs/01_qlinear.ipynb #7924ad1b
 def _codes(x, spec, role):
     "Symmetric codes and fp32 scale of `x` in `role`."
@@ -336,6 +363,7 @@ class _Int8LinearFn(torch.autograd.Function):
     "$Y = \\widehat X \\widehat W^T + b$ on int8 codes (`LinearQuant.int8_matmuls`); the backward of Fig. 1."
     @staticmethod
     def forward(ctx, x, w, b, quant: LinearQuant):
+        if x.device.type == "cpu": int_mm_cpu_ratio()   # warns once per process where _int_mm is slow
         cx, sx = _codes(x, quant.act, "act")
         cw, sw = _codes(w, quant.weight, "weight")
         y = int8_matmul(cx, cw.t(), sx, sw.view(1, -1), b, x.dtype)
