@@ -149,6 +149,7 @@ def train_vs_plain(cfg, out_dir, recipe=None, datasets=None, warm: int = 5) -> d
     alt = Alternate(PlainLoop(cfg, recipe, datasets, Path(out_dir) / "plain"))
     with patched_train(datasets):
         res = qt.train(cfg, Path(out_dir) / "train", recipe, resume=False, callbacks=[alt])
+    if cfg.max_steps % cfg.eval_every: alt.loop.val_loss.append(alt.loop.evaluate())   # as train() ends: the last point
     # the Trainer's log / eval / save of step k runs after on_step_end(k), so it lands in step k + 1's time;
     # the plain loop's is inside its step k: compare steps warm+1..max_steps of the Trainer with warm..max_steps-1 of the loop
     tr = sum(alt.trainer_s[k] for k in range(warm + 1, cfg.max_steps + 1))
