@@ -81,6 +81,7 @@ class PlainLoop:
         self.model = build_model(cfg.size, recipe, seed=cfg.seed, n_positions=cfg.block_size, resid_pdrop=cfg.dropout,
                                  embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **cfg.model).to(device).train()
         self.model.recipe = recipe if recipe is not None else self.model.recipe
+        torch.manual_seed(cfg.seed)   # dropout's stream (CPU and CUDA) starts where the Trainer's does: it seeds too
         self.opt, self.sched = qt.make_optimizer(self.model, cfg, recipe)
         self.fwd = torch.compile(self.model, backend=compile_backend) if compile_backend else self.model
         self.amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if qt.use_bf16(cfg) else contextlib.nullcontext
