@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data),)
 export QUANTSTUDY_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: venv test check-sync nbtest pytest numerics smoke smoke-reference clean
+.PHONY: venv test check-sync nbtest pytest numerics smoke smoke-reference gpu-check gpu-check-tiny clean
 
 $(VENV)/.installed: setup.py settings.ini
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -68,6 +68,18 @@ smoke: venv
 ## smoke-reference: retrain the committed reference itself (papermill_runs/smoke, figures/smoke), after a change of protocol
 smoke-reference: venv
 	$(BIN)/quantstudy study smoke --force
+
+## gpu-check: every GPU check and figure in one run, under 7 minutes on one H100/H200 (benchmarks/README.md).
+## It uses the machine's own python3 (torch + CUDA), not the CPU venv: nothing to install, the checkout is enough.
+GPU_PY        ?= python3
+GPU_CHECK_OUT ?= gpu_check_out
+gpu-check:
+	mkdir -p $(GPU_CHECK_OUT)
+	PYTHONUNBUFFERED=1 PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_OUT) 2>&1 | tee $(GPU_CHECK_OUT)/log.txt
+
+## gpu-check-tiny: the same stages on this CPU at tiny sizes (what CI runs through tests/test_gpu_check.py)
+gpu-check-tiny: venv
+	OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR) $(PY) benchmarks/gpu_check.py $(GPU_CHECK_OUT) --tiny
 
 clean:
 	rm -rf $(VENV) build *.egg-info

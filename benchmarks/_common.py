@@ -46,14 +46,21 @@ def interleaved(fns: dict, reps: int = 15, min_time: float = 0.02, device: str =
     ref = times[names[0]]
     return {n: (statistics.median(times[n]), statistics.median(a / b for a, b in zip(times[n], ref))) for n in names}
 
+def cpu_isa(flags: set) -> str:
+    "What decides CPU int8 and fp32 speed, from /proc/cpuinfo flags: AVX-512 (VNNI, AMX) or AVX2 only."
+    if "avx512f" not in flags: return "AVX2, no AVX-512/VNNI" if "avx2" in flags else "no AVX2"
+    extra = [name for flag, name in (("avx512_vnni", "VNNI"), ("amx_int8", "AMX")) if flag in flags]
+    return "AVX-512" + (f" with {' and '.join(extra)}" if extra else ", no VNNI")
+
 def machine(device: str = "cpu") -> str:
-    "One line: the device, CPU threads, torch version and the date."
-    cpu = platform.processor() or platform.machine()
+    "One line: the device (a CPU with its ISA), CPU threads, torch version and the date."
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"): cpu = line.split(":", 1)[1].strip(); break
+            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()): cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"): flags = set(line.split(":", 1)[1].split()); break
     except OSError: pass
-    dev = torch.cuda.get_device_name() if str(device).startswith("cuda") else f"CPU {cpu}, {os.cpu_count()} cores"
+    dev = torch.cuda.get_device_name() if str(device).startswith("cuda") else f"CPU {cpu} ({cpu_isa(flags)}), {os.cpu_count()} cores"
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return (f"{dev}; torch {torch.__version__}, {torch.get_num_threads()} threads{load}; "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")

@@ -19,15 +19,9 @@ def shapes(size):
     d = LAYERS[size]
     return {f"{size} c_attn {d}->{3 * d}": (d, 3 * d), f"{size} c_fc {d}->{4 * d}": (d, 4 * d), f"{size} mlp.c_proj {4 * d}->{d}": (4 * d, d)}
 
-def main():
-    p = parser(__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=None, help="rows of X (default: 8192 on a GPU, 1024 on a CPU)")
-    args = p.parse_args()
-    setup(args)
-    set_compile_policy(after_numel=0)   # quantizers compiled from the start (the default waits 2^28 elements)
-    dev, gpu = args.device, args.device.startswith("cuda")
-    tokens = args.tokens or (8192 if gpu else 1024)
-    sizes = ("medium", "large") if gpu else ("small", "medium")
+def measure(dev: str, tokens: int, sizes, reps: int = 7, verbose: bool = True) -> list[list]:
+    "One row per layer shape of `sizes`: base ms, fake / base and int8 / base (forward, forward+backward), _int_mm / mm."
+    gpu = dev.startswith("cuda")
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else contextlib.nullcontext
     base_name = "bf16 linear" if gpu else "fp32 linear"
     rows = []
@@ -50,14 +44,27 @@ def main():
                 return f
             a8 = torch.randint(-127, 128, (tokens, d_in), dtype=torch.int8, device=dev)
             w8 = torch.randint(-127, 128, (d_out, d_in), dtype=torch.int8, device=dev)
-            af, wf = torch.randn(tokens, d_in, device=dev, dtype=torch.bfloat16 if gpu else torch.float32), None
+            af = torch.randn(tokens, d_in, device=dev, dtype=torch.bfloat16 if gpu else torch.float32)
             wf = torch.randn(d_out, d_in, device=dev, dtype=af.dtype)
-            mm = interleaved({"mm": lambda: af @ wf.t(), "int_mm": lambda: torch._int_mm(a8, w8.t())}, reps=args.reps or 7, device=dev)
-            f = interleaved({k: fwd(l) for k, l in layers.items()}, reps=args.reps or 7, device=dev)
-            fb = interleaved({k: fwd_bwd(l) for k, l in layers.items()}, reps=args.reps or 7, device=dev)
+            mm = interleaved({"mm": lambda: af @ wf.t(), "int_mm": lambda: torch._int_mm(a8, w8.t())}, reps=reps, device=dev)
+            f = interleaved({k: fwd(l) for k, l in layers.items()}, reps=reps, device=dev)
+            fb = interleaved({k: fwd_bwd(l) for k, l in layers.items()}, reps=reps, device=dev)
             rows.append([label, f"{f[base_name][0] * 1e3:.2f}", f["fake w8a8g8"][1], f["int8 w8a8g8"][1],
                          f"{fb[base_name][0] * 1e3:.2f}", fb["fake w8a8g8"][1], fb["int8 w8a8g8"][1], mm["int_mm"][1]])
-            print(*rows[-1], sep="\t", flush=True)
+            if verbose: print(*rows[-1], sep="\t", flush=True)
+    return rows
+
+def main():
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=None, help="rows of X (default: 8192 on a GPU, 1024 on a CPU)")
+    args = p.parse_args()
+    setup(args)
+    set_compile_policy(after_numel=0)   # quantizers compiled from the start (the default waits 2^28 elements)
+    dev, gpu = args.device, args.device.startswith("cuda")
+    tokens = args.tokens or (8192 if gpu else 1024)
+    sizes = ("medium", "large") if gpu else ("small", "medium")
+    base_name = "bf16 linear" if gpu else "fp32 linear"
+    rows = measure(dev, tokens, sizes, args.reps or 7)
     headers = ["layer", f"{base_name} fwd ms", "fake / base fwd", "int8 / base fwd", f"{base_name} fwd+bwd ms",
                "fake / base fwd+bwd", "int8 / base fwd+bwd", "_int_mm / mm"]
     table = markdown_table(headers, rows)

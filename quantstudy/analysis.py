@@ -483,6 +483,17 @@ PAPER_LINEAR_TIME = dict(sizes=["small", "medium", "large", "xl"], seq_lens=(128
 
 def _block_out(out): return out[0] if isinstance(out, tuple) else out
 
+def _self_time(e, device) -> float:
+    "Self time of a profiler event: device time on CUDA (of the kernels an op launched itself), CPU time on a CPU."
+    return e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+
+def _is_kernel(e) -> bool:
+    "A device-side event (kernel, memcpy, memset), not a user annotation."
+    # on CUDA a kernel's time shows twice, on its own event and as the self time of the op that launched it,
+    # so the total sums the device-side events alone: each kernel counted once
+    from torch.autograd import DeviceType
+    return e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+
 def block_time_share(config: GPT2Config, seq_len: int, batch_size: int = 1, n_layer: int = 1, repeat: int = 3,
                      device=None, seed: int = 0) -> dict:
     "Linear-layer (GEMM) time over all op time of forward + backward through `n_layer` transformer blocks of `config`."
@@ -505,9 +516,9 @@ def block_time_share(config: GPT2Config, seq_len: int, batch_size: int = 1, n_la
         with profile(activities=acts) as prof:
             step()
             if device.type == "cuda": torch.cuda.synchronize()
-        t = lambda e: e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
         ev = prof.key_averages()
-        lin.append(sum(t(e) for e in ev if e.key in LINEAR_OPS)); tot.append(sum(t(e) for e in ev))
+        lin.append(sum(_self_time(e, device) for e in ev if e.key in LINEAR_OPS))
+        tot.append(sum(_self_time(e, device) for e in ev if device.type == "cpu" or _is_kernel(e)))
     shares = [a / b for a, b in zip(lin, tot)]
     return dict(share=statistics.median(shares), shares=shares, linear_ms=statistics.median(lin) / 1e3,
                 total_ms=statistics.median(tot) / 1e3)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import hashlib, json, os, re, sys, time
 import numpy as np, torch
-import datasets, pyarrow.compute as pc
+# `datasets` and `pyarrow` are imported where corpora are read, so that training and the GPU check need neither
 from transformers import GPT2TokenizerFast
 
 # %% auto #0
@@ -106,6 +106,7 @@ def _fix_rows(fix):
 
 def _one_text(ds):
     "A hub split that is one text (Tiny Shakespeare) -> its paragraphs."
+    import datasets
     return datasets.Dataset.from_dict({"text": _paragraphs("".join(ds["text"]))})
 
 _HUB_FIX = {   # hub rows -> the documents of the local files
@@ -195,12 +196,14 @@ def _resolve(name, split, data_dir=None) -> tuple[Corpus, str, list[Path] | None
 
 # %% ../nbs/04_data.ipynb #8c8d82ce
 def _hub(c: Corpus, split: str) -> datasets.Dataset:
+    import datasets
     ds = datasets.load_dataset(*c.hub, split="train" if c.heldout else split)
     if c.column != "text": ds = ds.rename_column(c.column, "text")
     ds = ds.select_columns(["text"])
     return _HUB_FIX[c.name](ds) if c.name in _HUB_FIX else ds
 
 def _local(c: Corpus, split: str, files: list[Path]) -> datasets.Dataset:
+    import datasets
     docs = []
     for f in files:
         try:
@@ -262,6 +265,7 @@ def _head(ds: datasets.Dataset, chars: int) -> datasets.Dataset:
 
 def _write(path: Path, toks: datasets.Dataset, max_tokens: int | None, meta: dict):
     "Write the ids of `toks` to `path` as one flat uint16 array: to a temporary file, then `os.replace`."
+    import pyarrow.compute as pc
     batches = lambda: toks.with_format("arrow").iter(batch_size=65536)
     n = sum(pc.sum(b["len"]).as_py() or 0 for b in batches())
     if max_tokens is not None: n = min(n, max_tokens)

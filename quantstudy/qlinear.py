@@ -15,7 +15,8 @@ from .quantizers import QuantSpec, quantize, dequantize, compile_policy
 
 # %% auto #0
 __all__ = ['BACKWARDS', 'KERNELS', 'MODULE_SETS', 'HEAD', 'LinearQuant', 'quant_linear', 'QuantLinear', 'QuantConv1D',
-           'linear_modules', 'select_modules', 'quantize_model', 'quantized_modules', 'int8_matmul']
+           'linear_modules', 'select_modules', 'quantize_model', 'quantized_modules', 'int_mm_is_exact', 'int_mm',
+           'int8_matmul', 'int_mm_cpu_ratio']
 
 # %% ../nbs/01_qlinear.ipynb #3812e007
 BACKWARDS = ("paper", "quantized")
@@ -273,6 +274,33 @@ def quantized_modules(model: nn.Module) -> dict[str, LinearQuant]:
     "The `LinearQuant` of each `QuantLinear` in `model`, by name."
     return {n: m.quant for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
+# %% ../nbs/01_qlinear.ipynb #ec0cfa3b
+_INT_MM_EXACT = {}   # "cpu" -> whether torch._int_mm returns the exact int32 product on this CPU, probed once per process
+
+def _int_mm_probe_operands():
+    "Random codes and the extremes that saturate an int16 pair sum (-128 x -128 twice), k = 96."
+    gen = torch.Generator().manual_seed(0)   # its own generator: the global RNG stream is untouched
+    a = torch.randint(-128, 128, (64, 96), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (96, 32), generator=gen, dtype=torch.int8)
+    return (a, b), (torch.full((32, 96), -128, dtype=torch.int8), torch.full((96, 32), -128, dtype=torch.int8))
+
+def int_mm_is_exact() -> bool:
+    "Whether `torch._int_mm` is exact on this CPU: probed at the first call, then cached; warns once if not."
+    if "cpu" not in _INT_MM_EXACT:
+        with torch.no_grad():
+            exact = all(torch.equal(torch._int_mm(a, b).double(), a.double() @ b.double()) for a, b in _int_mm_probe_operands())
+        _INT_MM_EXACT["cpu"] = exact
+        if not exact:
+            warnings.warn("quantstudy: torch._int_mm returns wrong int8 products on this CPU (oneDNN without VNNI saturates "
+                          "int16 pair sums); LinearQuant(kernel='int8') multiplies the codes in float64 instead: exact, slower",
+                          stacklevel=2)
+    return _INT_MM_EXACT["cpu"]
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    "`torch._int_mm(a, b)`: the exact int32 product of int8 codes, in float64 on a CPU where `_int_mm` is inexact."
+    if a.is_cuda or int_mm_is_exact(): return torch._int_mm(a, b)
+    return (a.double() @ b.double()).to(torch.int32)
+
 # %% ../nbs/01_qlinear.ipynb #cec2449f
 def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     "`t` with zero rows and columns appended up to `rows` x `cols` (a copy only if it grows)."
@@ -285,7 +313,7 @@ def _rescale(acc, sa, sb, bias, dtype):
     if bias is not None: y = y + bias.float()
     return y.to(dtype)
 
-def _int_mm_epilogue(a, b, sa, sb, bias, dtype): return _rescale(torch._int_mm(a, b), sa, sb, bias, dtype)
+def _int_mm_epilogue(a, b, sa, sb, bias, dtype): return _rescale(int_mm(a, b), sa, sb, bias, dtype)
 
 _EPILOGUE = {}
 def _int_mm_rescaled(a, b, sa, sb, bias, dtype, compiled: bool | None = None):
@@ -321,10 +349,37 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Te
     pad = a.is_cuda if pad is None else pad
     if pad: a, b, sa, sb, bias = _pad_operands(a, b, sa, sb, bias)
     if k > _K_MAX:   # one int32 sum could overflow: add the int32 products of slices of k in int64 (exact)
-        part = lambda i: torch._int_mm(a[:, i:i + _K_MAX].contiguous(), b[i:i + _K_MAX].t().contiguous().t()).long()
+        part = lambda i: int_mm(a[:, i:i + _K_MAX].contiguous(), b[i:i + _K_MAX].t().contiguous().t()).long()
         y = _rescale(sum(part(i) for i in range(0, a.shape[1], _K_MAX)), sa, sb, bias, dtype)
     else: y = _int_mm_rescaled(a, b, sa, sb, bias, dtype)
     return y[:m, :n] if pad else y
+
+# %% ../nbs/01_qlinear.ipynb #5dc6169f
+_INT_MM_RATIO = {}   # "cpu" -> time of torch._int_mm / time of the fp32 mm, measured once per process
+
+def _time_int_mm(m: int = 256, k: int = 512, n: int = 512, reps: int = 3) -> float:
+    "Best-of-`reps` time of `torch._int_mm` over that of the fp32 `mm` of the same `[m, k] x [k, n]` product, on the CPU."
+    import time
+    gen = torch.Generator().manual_seed(0)   # its own generator: the global RNG stream (and training) is untouched
+    a8, b8 = (torch.randint(-127, 128, s, generator=gen, dtype=torch.int8) for s in ((m, k), (n, k)))
+    a, b = a8.float(), b8.float()
+    def best(f):
+        f()   # warm-up: oneDNN picks and caches its kernel at the first call
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+        return max(min(ts), 1e-9)
+    with torch.no_grad(): return best(lambda: torch._int_mm(a8, b8.t())) / best(lambda: a.mm(b.t()))
+
+def int_mm_cpu_ratio() -> float:
+    "`torch._int_mm`'s time over the fp32 `mm`'s on this CPU: measured at the first call, then cached; warns once if above 1."
+    if "cpu" not in _INT_MM_RATIO:
+        r = _INT_MM_RATIO["cpu"] = _time_int_mm()
+        if r > 1:
+            warnings.warn(f"quantstudy: on this CPU torch._int_mm takes {r:.1f}x the time of an fp32 mm of the same shape "
+                          "(no fast int8 path such as AVX512-VNNI or AMX), so LinearQuant(kernel='int8') is slower here than "
+                          "kernel='fake'; the results are the same either way", stacklevel=2)
+    return _INT_MM_RATIO["cpu"]
 
 # %% ../nbs/01_qlinear.ipynb #7924ad1b
 def _codes(x, spec, role):
@@ -336,6 +391,7 @@ class _Int8LinearFn(torch.autograd.Function):
     "$Y = \\widehat X \\widehat W^T + b$ on int8 codes (`LinearQuant.int8_matmuls`); the backward of Fig. 1."
     @staticmethod
     def forward(ctx, x, w, b, quant: LinearQuant):
+        if x.device.type == "cpu": int_mm_cpu_ratio()   # warns once per process where _int_mm is slow
         cx, sx = _codes(x, quant.act, "act")
         cw, sw = _codes(w, quant.weight, "weight")
         y = int8_matmul(cx, cw.t(), sx, sw.view(1, -1), b, x.dtype)

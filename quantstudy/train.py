@@ -8,7 +8,11 @@ import ctypes, dataclasses, json, math, os, re, shutil, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
-from fastcore.script import call_parse
+try: from fastcore.script import call_parse
+except ImportError:   # only the command line needs fastcore: `train` (and the GPU check) run without it
+    def call_parse(f):
+        if __name__ == "__main__": raise SystemExit("python -m quantstudy.train needs fastcore: pip install fastcore")
+        return f
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.pytorch_utils import Conv1D

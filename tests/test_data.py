@@ -179,7 +179,7 @@ def hub(monkeypatch):
     def load_dataset(*args, split):
         seen.append((*args, split))
         return datasets.Dataset.from_dict(HUB[(*args, split)])
-    monkeypatch.setattr(data.datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)   # data.py imports it where it reads the hub
     monkeypatch.delenv("QUANTSTUDY_DATA")
     return seen
 
