@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--out", default="figures", help="report output root")
     s = sub.add_parser("report", help="compile a study's tables and figures from its results.json files")
     s.add_argument("study"); s.add_argument("--runs-root", default="papermill_runs"); s.add_argument("--out", default="figures")
+    s = sub.add_parser("scorecard", help="check the paper's claims against a study's results.json files (figures/<study>/scorecard.md)")
+    s.add_argument("study"); s.add_argument("--runs-root", default="papermill_runs"); s.add_argument("--out", default="figures")
     return p
 
 # %% ../nbs/11_cli.ipynb #d07c11be
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from quantstudy import runner
     if args.command == "list": _list(args.study); return 0
+    if args.command == "scorecard":
+        from quantstudy.scorecard import write_scorecard
+        try: print(write_scorecard(args.study, runs_root=args.runs_root, out_root=args.out)); return 0
+        except FileNotFoundError as e: print(f"quantstudy scorecard: {e}", file=sys.stderr); return 2
     if args.command == "report":
         from quantstudy.report import report
         for p in report(args.study, runs_root=args.runs_root, out_root=args.out): print(p)
