@@ -152,7 +152,7 @@ FIGURES = (
 # %% ../nbs/10_report.ipynb #167d6832
 FIG12B_RUNS = ("v8-tensor", "v8-channel", "v8-channel-unsigned", "v8-block128", "v4-rank1-nozero", "m4v4-li")
 PAPER["12b"] = {}   # no published numbers
-FIGURES += (FigureLayout("12b", "fig12b_second_moment_fixed", "second-moment schemes that converge (beyond the paper)", FIG12B_RUNS),)
+FIGURES += (FigureLayout("12b", "fig12b_second_moment_fixed", "second-moment schemes beyond the paper", FIG12B_RUNS),)
 TABLES += (TableLayout("12b", "table12b_second_moment_ppl", "Beyond the paper: second-moment quantization schemes (perplexity)", "ppl",
                        ("baseline", *FIG12B_RUNS)),)
 _OWN_STYLE.update({"v8-channel-unsigned": ("tab:green", "-"), "v8-block128": ("tab:olive", "--"),

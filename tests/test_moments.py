@@ -214,3 +214,15 @@ def test_zero_excluded_v_trains_where_the_paper_v_blows_up():
     # v4-rank1-nozero max 4.14, final 2.663 (margins: 10x and 0.5 nats)
     assert max(paper) > 10 * max(fp32)
     assert max(fixed) < 1.5 * max(fp32) and abs(fixed[-1] - fp32[-1]) < 0.5
+
+
+def test_compiled_search_equals_bucketize():
+    "The compiled branchless search of large tensors gives bucketize's integers, midpoints (ties) included."
+    from quantstudy.moments import _nearest
+    from quantstudy.quantizers import using_compile_policy
+    for m, bits in (("dynamic", 8), ("udynamic", 4)):
+        t = code_table(m, bits)
+        mid = (t[1:] + t[:-1]) / 2
+        u = torch.cat([torch.rand(5000) * 2 - 1 if m == "dynamic" else torch.rand(5000), mid, t, torch.tensor([-1.0, 0.0, 1.0])])
+        with using_compile_policy(min_numel=0): fast = _nearest(u, t)
+        assert torch.equal(fast.long(), torch.bucketize(u, mid, right=True)), m

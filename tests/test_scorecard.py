@@ -64,9 +64,9 @@ def verdicts(results):
 
 def test_every_claim_listed_once():
     keys = [c.key for c in S.CLAIMS]
-    assert len(keys) == len(set(keys)) >= 21
+    assert len(keys) == len(set(keys)) >= 22
     assert {"w8", "w4-channel", "a8-token", "a4-tensor", "a4-asym", "a4-channel", "g4", "g8-token", "g8-tensor", "g-input",
-            "m8", "m4-tensor", "v8", "w8a8", "w8a8g8", "ptq8", "ptq4", "sharpness", "linear-time", "memory", "fixed-v"} == set(keys)
+            "m8", "m4-tensor", "v8", "w8a8", "w8a8g8", "ptq8", "ptq4", "sharpness", "linear-time", "memory", "fixed-v", "fixed-v-nozero"} == set(keys)
 
 
 def test_a_paper_like_study_reproduces_everything():
@@ -87,7 +87,7 @@ def test_verdicts_flip_with_the_numbers():
     res["baseline"]["analysis"]["linear_time"]["data"]["rows"][1]["share"] = 0.9       # share rises with length
     res["w4-channel"]["analysis"]["sharpness"] = _sharp(0.9)
     v = verdicts(res)
-    for key in ("v8", "w8", "g-input", "fixed-v", "linear-time", "sharpness"): assert v[key] == "not reproduced", key
+    for key in ("v8", "w8", "g-input", "fixed-v", "fixed-v-nozero", "linear-time", "sharpness"): assert v[key] == "not reproduced", key
     assert v["w8a8"] == "reproduced"
 
 
@@ -129,7 +129,7 @@ def test_write_and_cli(tmp_path, capsys):
     root = _write_study(tmp_path / "runs", paper_like_study())
     assert main(["scorecard", "study", "--runs-root", str(root), "--out", str(tmp_path / "figs")]) == 0
     md = (tmp_path / "figs" / "study" / "scorecard.md").read_text()
-    assert md.count("**reproduced**") == len(S.CLAIMS) and "`about`: 0.02" in md and "| 21 |" in md
+    assert md.count("**reproduced**") == len(S.CLAIMS) and "`about`: 0.02" in md and "| 22 |" in md
     assert str(tmp_path / "figs" / "study" / "scorecard.md") in capsys.readouterr().out
     assert not list((tmp_path / "figs" / "study").glob(".scorecard.md.*"))      # the temporary file was renamed
     assert main(["scorecard", "nope", "--runs-root", str(root), "--out", str(tmp_path / "figs")]) == 2
