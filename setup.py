@@ -33,7 +33,7 @@ setuptools.setup(
     package_data={'quantstudy': ['tasks/*.yaml']},
     install_requires=reqs('requirements'),
     extras_require={'dev': reqs('dev_requirements'), 'gpu': reqs('gpu_requirements'),
-                    'slurm': reqs('slurm_requirements')},
+                    'slurm': reqs('slurm_requirements'), 'bench': reqs('bench_requirements')},
     dependency_links=cfg.get('dep_links', '').split(),
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("quantstudy", description="Quantized pre-training of GPT-2: experiments, sweeps and reports.",
                                 epilog="Bad input fails before anything runs, with one line on stderr and exit status 2; "
                                        "a run that fails has exit status 1.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{list,run,sweep,study,report}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{list,run,sweep,study,report,scorecard}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--runs-root", default="papermill_runs", metavar="DIR",
                         help="where executed notebooks and run directories go (default: papermill_runs)")
@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("study", help="a study folder under the runs root, e.g. smoke")
     s.add_argument("--runs-root", default="papermill_runs", metavar="DIR", help="default: papermill_runs")
     s.add_argument("--out", default="figures", metavar="DIR", help="the report goes to DIR/<study> (default: figures)")
+    s = sub.add_parser("scorecard", help="check the paper's claims against a study's results.json files (figures/<study>/scorecard.md)")
+    s.add_argument("study", help="a study folder under the runs root, e.g. smoke")
+    s.add_argument("--runs-root", default="papermill_runs", metavar="DIR", help="default: papermill_runs")
+    s.add_argument("--out", default="figures", metavar="DIR", help="the scorecard goes to DIR/<study> (default: figures)")
     return p
 
 
@@ -90,6 +94,11 @@ def _list(study):
         e = get_experiment(n)
         print(f"{n:16s} {e.recipe.name if e.base is None else f'PTQ {e.ptq.name} of {e.base}':40s} {' '.join(e.figures + e.tables)}")
     if not study: print("\nstudies: " + ", ".join(f"{k} ({len(v)})" for k, v in STUDIES.items()))
+    return 0
+
+def _scorecard(args):
+    from quantstudy.scorecard import write_scorecard
+    print(write_scorecard(args.study, runs_root=args.runs_root, out_root=args.out))
     return 0
 
 def _report(args):
@@ -130,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list": return _list(args.study)
         if args.command == "report": return _report(args)
+        if args.command == "scorecard": return _scorecard(args)
         return _run(args)
     except (ValueError, FileNotFoundError) as e:   # bad input: one line, no traceback
         print(f"quantstudy {args.command}: {' '.join(str(e).split())}", file=sys.stderr); return 2

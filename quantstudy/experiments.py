@@ -13,7 +13,7 @@ from .model import Recipe
 from .train import TrainConfig, preset
 
 # %% auto #0
-__all__ = ['GRID', 'PTQ', 'PPL_CORPORA', 'TASKS', 'EVALS', 'EVAL_FIELDS', 'STUDIES', 'Experiment', 'check_evals',
+__all__ = ['GRID', 'PTQ', 'PPL_CORPORA', 'TASKS', 'EVALS', 'EVAL_FIELDS', 'STUDIES', 'BEYOND', 'Experiment', 'check_evals',
            'experiment_names', 'get_experiment', 'study_experiments']
 
 # %% ../nbs/08_experiments.ipynb #8027ed6f
@@ -142,3 +142,14 @@ def study_experiments(study: str) -> list[str]:
     "The experiment names of `study`."
     if study not in STUDIES: raise ValueError(f"unknown study {study!r}: use one of {sorted(STUDIES)}")
     return list(STUDIES[study])
+
+# %% ../nbs/08_experiments.ipynb #33b5d2a4
+BEYOND = {  # name -> (recipe, figures, tables, analyses), as GRID
+    "v8-channel-unsigned": (_opt(v="8-channel-unsigned"), ("fig12b",), ("table12b",), ()),
+    "v8-block128":         (_opt(v="8-block128"), ("fig12b",), ("table12b",), ()),
+    "v4-rank1-nozero":     (_opt(v="4-rank1-nozero"), ("fig12b",), ("table12b",), ()),
+    "m4v4-li":             (_opt(m="4-block128-dynamic", v="4-rank1-nozero"), ("fig12b",), ("table12b",), ()),
+}
+GRID.update(BEYOND)
+STUDIES["paper"] = experiment_names()
+STUDIES["smoke"] += ["v8-channel-unsigned", "v4-rank1-nozero", "m4v4-li"]

@@ -8,6 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 import torch
 from .quantizers import QuantSpec, qrange, quantize, dequantize, fake_quantize, _const
+from .moments import MomentScheme, parse_moment, _unpack   # the schemes beyond the paper's (notebook 03a)
 
 # %% auto #0
 __all__ = ['MOMENTS', 'OptimQuant', 'pack4', 'unpack4', 'QAdamW', 'gpt2_small_params', 'step_time']
@@ -15,14 +16,14 @@ __all__ = ['MOMENTS', 'OptimQuant', 'pack4', 'unpack4', 'QAdamW', 'gpt2_small_pa
 # %% ../nbs/03_optim.ipynb #62019519
 @dataclass(frozen=True)
 class OptimQuant:
-    "How AdamW's moments of 2-D weights are stored: `m` (first) and `v` (second), each a `QuantSpec` or None (fp32)."
-    m: QuantSpec | None = None
-    v: QuantSpec | None = None
+    "How AdamW's moments of 2-D weights are stored: `m` (first) and `v` (second), each a `QuantSpec`, a `MomentScheme` (03a) or None (fp32)."
+    m: QuantSpec | MomentScheme | None = None
+    v: QuantSpec | MomentScheme | None = None
 
     def __post_init__(self):
         for field in ("m", "v"):
-            spec = QuantSpec.parse(getattr(self, field))
-            if spec is not None: spec.axis("moment")  # a moment has no token dim: raises naming the granularity
+            spec = parse_moment(getattr(self, field), field)   # the paper's names stay QuantSpecs
+            if isinstance(spec, QuantSpec): spec.axis("moment")  # a moment has no token dim: raises naming the granularity
             object.__setattr__(self, field, spec)
 
     @property
@@ -50,7 +51,7 @@ class OptimQuant:
         d = {}
         for part in str(x).split("_"):
             if part[:1] not in ("m", "v") or part[0] in d:
-                raise ValueError(f"cannot parse optim_quant {x!r}: write e.g. 'm8-channel', 'v8-tensor' or 'm4-channel_v8-channel'")
+                raise ValueError(f"cannot parse optim_quant {x!r}: write e.g. 'm8-channel', 'v8-tensor', 'm4-channel_v8-channel' or 'm4-block128-dynamic_v4-rank1-nozero'")
             d[part[0]] = part[1:]
         return cls(**d)
 
@@ -108,11 +109,21 @@ def _decode(codes, scale, zero, bits: int, shape) -> torch.Tensor:
 def _layout(spec: QuantSpec | None, shape, channel_dim: int = 0) -> tuple | None:
     "What the state of a moment stored with `spec` looks like: None (fp32) or (bits, asymmetric, scale shape)."
     if spec is None: return None
+    if isinstance(spec, MomentScheme): return "scheme", spec.name, tuple(spec.scale_shapes(shape, channel_dim).values())
     scale = (1, 1) if spec.granularity != "channel" else (shape[0], 1) if channel_dim == 0 else (1, shape[1])
     return spec.bits, not spec.symmetric, scale
 
+def _decode_scheme(states: list, name: str, shape, out=None) -> torch.Tensor:
+    "The fp32 moments `[k, out, in]` of the states of equally shaped parameters stored with a `MomentScheme`."
+    scheme = MomentScheme.parse(states[0][f"{name}_scheme"])
+    stack = lambda key: torch.stack([s[f"{name}_{key}"] for s in states])
+    scales = {k: stack(k) for k in ("scale", "col_scale") if f"{name}_{k}" in states[0]}
+    return scheme.decode(stack("codes"), scales, shape, out)
+
 def _stored_layout(state: dict, name: str) -> tuple | None:
     if name in state: return None
+    if f"{name}_scheme" in state:
+        return "scheme", state[f"{name}_scheme"], tuple(tuple(state[f"{name}_{k}"].shape) for k in ("scale", "col_scale") if f"{name}_{k}" in state)
     return state[f"{name}_bits"], f"{name}_zero" in state, tuple(state[f"{name}_scale"].shape)
 
 # %% ../nbs/03_optim.ipynb #fb56c741
@@ -167,9 +178,13 @@ class QAdamW(torch.optim.Optimizer):
     def _write(self, p, name: str, x: torch.Tensor, spec: QuantSpec | None, channel_dim: int = 0):
         "Store the moment `x` of `p` as `spec` says (first step, or a change of spec)."
         state = self.state[p]
-        for key in (name, f"{name}_codes", f"{name}_scale", f"{name}_zero", f"{name}_bits"): state.pop(key, None)
+        for key in (name, f"{name}_codes", f"{name}_scale", f"{name}_zero", f"{name}_bits", f"{name}_col_scale", f"{name}_scheme"): state.pop(key, None)
         if spec is None:
             state[name] = x.to(p.dtype).clone(memory_format=torch.preserve_format)
+            return
+        if isinstance(spec, MomentScheme):   # codes and scales as 03a defines them
+            state.update({f"{name}_{k}": t[0] for k, t in spec.encode(x.detach().float().reshape(1, *p.shape), channel_dim).items()})
+            state[f"{name}_scheme"] = spec.name
             return
         q, scale, zero = _encode_(x.detach().float().clone().reshape(1, *p.shape), spec, channel_dim)
         state[f"{name}_codes"], state[f"{name}_scale"], state[f"{name}_bits"] = _code_tensor(q, spec.bits)[0], scale[0], spec.bits
@@ -196,6 +211,10 @@ class QAdamW(torch.optim.Optimizer):
         "The moment `name` of the equally shaped `ps` as a list, plus their dequantized stack `[k, out, in]` (None if fp32)."
         states = [self.state[p] for p in ps]
         if name in states[0]: return [s[name] for s in states], None
+        if f"{name}_scheme" in states[0]:
+            x = self._buffer(ps[0].device, slot, len(ps) * ps[0].numel()).view(len(ps), *ps[0].shape)
+            _decode_scheme(states, name, ps[0].shape, x)
+            return list(x.unbind(0)), x
         k, (r, c), bits = len(ps), ps[0].shape, states[0][f"{name}_bits"]
         x = self._buffer(ps[0].device, slot, k * r * c).view(k, r, c)
         codes = [s[f"{name}_codes"] for s in states]
@@ -207,6 +226,10 @@ class QAdamW(torch.optim.Optimizer):
 
     def _write_stack(self, ps: list, name: str, x: torch.Tensor, spec: QuantSpec, channel_dim: int = 0):
         "Re-quantize the updated moments `x[k, out, in]` of `ps` (consumed) into their stored codes and scales."
+        if isinstance(spec, MomentScheme):
+            states = [self.state[p] for p in ps]
+            for key, t in spec.encode(x, channel_dim).items(): torch._foreach_copy_([s[f"{name}_{key}"] for s in states], list(t.unbind(0)))
+            return
         q, scale, zero = _encode_(x, spec, channel_dim)
         states = [self.state[p] for p in ps]
         codes = q if 4 < spec.bits <= 8 else _code_tensor(q, spec.bits)   # 5-8 bits: fp32 -> int8 inside the copy
@@ -260,6 +283,7 @@ class QAdamW(torch.optim.Optimizer):
             p = params[i]
             for key, val in s.items():
                 if key.endswith(("_codes", "_scale", "_zero")): self.state[p][key] = val.to(p.device, copy=True)
+                elif key.endswith("_scheme"): self.state[p][key] = val   # a str, which torch's cast turns into a generator
 
     def state_bytes(self) -> int:
         "Bytes of all stored optimizer state: codes, scales, zero points, fp32 moments and step counters."
@@ -269,6 +293,7 @@ class QAdamW(torch.optim.Optimizer):
         "The stored moment `name` (`exp_avg` = m, `exp_avg_sq` = v) of `p`, dequantized to fp32."
         state = self._state_of(p, name)
         if name in state: return state[name].float().clone()
+        if f"{name}_scheme" in state: return _decode_scheme([state], name, p.shape)[0]
         zero = state.get(f"{name}_zero")
         return _decode(state[f"{name}_codes"][None], state[f"{name}_scale"][None], None if zero is None else zero[None],
                        state[f"{name}_bits"], p.shape)[0]
@@ -277,6 +302,8 @@ class QAdamW(torch.optim.Optimizer):
         "The integer codes (int8, shaped like `p`, unpacked) of the quantized moment `name` of `p`."
         state = self._state_of(p, name)
         if name in state: raise ValueError(f"moment {name!r} of this parameter is stored in fp32, not quantized")
+        if f"{name}_scheme" in state:   # indices into the scheme's code table, 0 .. 2^b - 1
+            return _unpack(state[f"{name}_codes"][None], p.numel(), MomentScheme.parse(state[f"{name}_scheme"]).bits)[0].to(torch.uint8).reshape(p.shape)
         codes, bits = state[f"{name}_codes"], state[f"{name}_bits"]
         return (unpack4(codes, p.numel()) if bits <= 4 else codes).reshape(p.shape)
 

@@ -11,10 +11,10 @@ from matplotlib.figure import Figure
 from matplotlib import ticker
 
 # %% auto #0
-__all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER', 'TABLES', 'FIGURES', 'DPI', 'AUTHORS_DEFAULTS', 'SETTINGS',
-           'row_label', 'curve_label', 'curve_style', 'TableLayout', 'FigureLayout', 'load_results', 'run_state',
-           'val_curve', 'row_values', 'table_rows', 'paper_cells', 'render_table', 'plot_validation', 'plot_tasks',
-           'quant_label', 'render_summary', 'report', 'fake_results']
+__all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER', 'TABLES', 'FIGURES', 'FIG12B_RUNS', 'DPI', 'AUTHORS_DEFAULTS',
+           'SETTINGS', 'row_label', 'curve_label', 'curve_style', 'TableLayout', 'FigureLayout', 'load_results',
+           'run_state', 'val_curve', 'row_values', 'table_rows', 'paper_cells', 'render_table', 'plot_validation',
+           'plot_tasks', 'quant_label', 'render_summary', 'report', 'fake_results']
 
 # %% ../nbs/10_report.ipynb #36afd6e4
 CITE = "Chitsaz et al. 2024"
@@ -148,6 +148,15 @@ FIGURES = (
     FigureLayout(12, "fig12_second_moment", "Adam second-moment quantization", ("v8-tensor", "v8-channel")),
     FigureLayout(13, "fig13_combined", "weights, activations and gradients together", ("w8a8", "w8a8g8")),
 )
+
+# %% ../nbs/10_report.ipynb #167d6832
+FIG12B_RUNS = ("v8-tensor", "v8-channel", "v8-channel-unsigned", "v8-block128", "v4-rank1-nozero", "m4v4-li")
+PAPER["12b"] = {}   # no published numbers
+FIGURES += (FigureLayout("12b", "fig12b_second_moment_fixed", "second-moment schemes beyond the paper", FIG12B_RUNS),)
+TABLES += (TableLayout("12b", "table12b_second_moment_ppl", "Beyond the paper: second-moment quantization schemes (perplexity)", "ppl",
+                       ("baseline", *FIG12B_RUNS)),)
+_OWN_STYLE.update({"v8-channel-unsigned": ("tab:green", "-"), "v8-block128": ("tab:olive", "--"),
+                   "v4-rank1-nozero": ("tab:cyan", "-"), "m4v4-li": ("tab:pink", "-.")})
 
 # %% ../nbs/10_report.ipynb #e9520db4
 def load_results(study_dir) -> dict[str, dict]:
@@ -446,7 +455,8 @@ def report(study: str, runs_root="papermill_runs", out_root="figures") -> list[P
             (out / f"{t.stem}.{ext}").write_text(body, encoding="utf-8")
             paths.append(out / f"{t.stem}.{ext}")
     (out / "summary.md").write_text(render_summary(study, results), encoding="utf-8")
-    return paths + [out / "summary.md"]
+    from quantstudy.scorecard import write_scorecard   # here, not at the top: the scorecard reads results with this module
+    return paths + [out / "summary.md", write_scorecard(study, runs_root, out_root)]
 
 # %% ../nbs/10_report.ipynb #864c7e23
 _TRAIN = dict(size="tiny", model={"n_layer": 4, "n_head": 4, "n_embd": 128}, corpus="ptb", block_size=128, batch_size=16,

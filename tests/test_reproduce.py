@@ -7,6 +7,7 @@ from quantstudy.cli import main
 from quantstudy.experiments import study_experiments
 
 REFERENCE = Path(__file__).resolve().parents[1] / "papermill_runs"   # the committed smoke study
+N = len(study_experiments("smoke"))
 
 @pytest.fixture
 def fresh(tmp_path):
@@ -23,7 +24,7 @@ def edit(root, name, fn):
 
 def test_identical_runs_reproduce(fresh):
     table, ok = runner.compare_studies("smoke", fresh, REFERENCE)
-    assert ok and "Reproduced: 12 of 12" in table and "**no**" not in table
+    assert ok and f"Reproduced: {N} of {N}" in table and "**no**" not in table
 
 @pytest.mark.parametrize("change,reproduced", [
     (lambda r: r["curves"]["val"][-1].update(loss=r["curves"]["val"][-1]["loss"] + 0.019), True),    # within 0.02 nats
@@ -52,6 +53,6 @@ def test_cli_reference_exit_code(fresh, monkeypatch, capsys):
     monkeypatch.setattr(runner, "sweep", lambda study, *a, **kw: {n: runner.read_results(runner.run_dir(study, n, fresh))
                                                                    for n in study_experiments(study)})
     args = ["sweep", "smoke", "--runs-root", str(fresh), "--reference", str(REFERENCE)]
-    assert main(args) == 0 and "Reproduced: 12 of 12" in capsys.readouterr().out
+    assert main(args) == 0 and f"Reproduced: {N} of {N}" in capsys.readouterr().out
     edit(fresh, "baseline", lambda r: r["curves"]["val"][-1].update(loss=9.0))
-    assert main(args) == 1 and "NOT reproduced: 11 of 12" in capsys.readouterr().out
+    assert main(args) == 1 and f"NOT reproduced: {N - 1} of {N}" in capsys.readouterr().out
