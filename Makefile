@@ -47,8 +47,10 @@ pytest: venv
 # The numerics pass: what compares floating-point outcomes (tests marked `numerics`, the notebooks below) again,
 # under other kernels and thread counts than the first pass, so that a threshold tuned on one CPU fails here and
 # not on a user's: ATen's AVX2 kernels (or none: `default`), MKL and oneDNN held to AVX2, 2 threads. The first pass
-# ran with this machine's own kernels (AVX-512 where it has them), 1 thread per notebook and torch's default in pytest.
-NUMERICS_NBS := 00_quantizers|01_qlinear|03_optim|05_train|07_analysis
+# ran with this machine's own kernels (AVX-512 where it has them), 1 thread per notebook and torch's default in pytest;
+# the optimizer and quantizer tests also run on this machine's kernels with 1 thread, and on ATen's `default` kernels.
+NUMERICS_NBS := 00_quantizers|01_qlinear|03_optim|03a_moments|05_train|07_analysis
+FAST_NUMERICS := tests/test_optim.py tests/test_moments.py tests/test_quantizers.py tests/test_int8.py
 
 # Each kernel set compiles its own fused kernels: torch's inductor cache does not key on ATEN_CPU_CAPABILITY, and a
 # kernel compiled for AVX-512 loaded under `avx2` returns wrong values (measured: tests/test_perf_equivalence.py).
@@ -58,7 +60,8 @@ ISA   = ATEN_CPU_CAPABILITY=$(1) TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inducto
 numerics: venv
 	$(call ISA,avx2) $(BIN)/pytest -q -m numerics tests
 	$(call ISA,avx2) $(NBTEST) --n_workers 1 --file_re '^($(NUMERICS_NBS))'
-	$(call ISA,default) $(BIN)/pytest -q -m numerics tests/test_optim.py tests/test_quantizers.py tests/test_int8.py
+	$(call ISA,default) $(BIN)/pytest -q -m numerics $(FAST_NUMERICS)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m numerics $(FAST_NUMERICS)   # this CPU's own kernels, 1 thread
 
 ## smoke: trains the smoke study afresh on this machine (CPU, minutes) into runs/smoke (figures in runs/figures/smoke),
 ## then holds every run against the committed reference papermill_runs/smoke and says whether it reproduced it

@@ -8,6 +8,8 @@ from quantstudy.moments import MAPS, MomentScheme, code_table, dynamic_map, pars
 from quantstudy.optim import OptimQuant, QAdamW
 from quantstudy.quantizers import QuantSpec
 
+pytestmark = pytest.mark.numerics   # exact codes and bit-identical resumes: rerun under AVX2 kernels and 2 threads
+
 NEW = ("8-channel-unsigned", "8-block128", "4-rank1-nozero", "4-block128-dynamic", "8-block2048-udynamic", "4-tensor-nozero")
 
 
