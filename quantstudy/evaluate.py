@@ -23,9 +23,9 @@ except ImportError: HFLM = None
 
 # %% auto #0
 __all__ = ['PAPER_CORPORA', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER_TASKS', 'TASKS_DIR', 'TASK_FILES', 'NO_LOCAL_DATA', 'windows',
-           'Perplexity', 'perplexity', 'lambada_requests', 'lambada', 'perplexity_suite', 'task_unavailable',
-           'hellaswag_preprocess', 'task_dataset', 'model_dir', 'register', 'downstream', 'ppl_table', 'task_table',
-           'ptq', 'main', 'QuantstudyLM']
+           'Perplexity', 'batch_dependent', 'perplexity', 'lambada_requests', 'lambada', 'perplexity_suite',
+           'task_unavailable', 'hellaswag_preprocess', 'task_dataset', 'model_dir', 'register', 'downstream',
+           'ppl_table', 'task_table', 'ptq', 'main', 'QuantstudyLM']
 
 # %% ../nbs/06_evaluate.ipynb #74a8b8ac
 def windows(n: int, context: int, stride: int | None = None, drop_last: bool = False) -> list[tuple[int, int, int]]:
@@ -58,6 +58,8 @@ class Perplexity:
     stride: int | None   # None: the authors' non-overlapping blocks
     corpus: str = ""
     split: str = ""
+    batch_size: int | None = None   # windows per forward pass (1 for a model whose activation scales span tokens)
+    join: str | None = None         # how a named corpus's rows were joined into the scored text
 
     def to_dict(self) -> dict: return asdict(self)
     def __str__(self):
@@ -74,10 +76,18 @@ def _autocast(device: torch.device, precision: str):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
-def _tokens(corpus, split, tokenizer, data_dir, max_tokens, cache_dir) -> tuple[torch.Tensor, str]:
+def batch_dependent(model) -> list[str]:
+    "The quantized linear layers whose activation scale spans tokens (per tensor, per channel): their output depends on the rest of the batch."
+    return [n for n, q in quantized_modules(model).items() if q.act is not None and q.act.axis("act") != 0]
+
+def _batch_for(model, batch_size: int) -> int:
+    "`batch_size`, or 1 where a scale spans the tokens of a batch: the authors scored one window (one request) at a time."
+    return 1 if batch_size > 1 and batch_dependent(model) else batch_size
+
+def _tokens(corpus, split, tokenizer, data_dir, max_tokens, cache_dir, join=None) -> tuple[torch.Tensor, str]:
     if isinstance(corpus, (str, Path)):
         tok = tokenizer if tokenizer is not None else load_tokenizer(data_dir)
-        ids = tokenize_corpus(corpus, split, tok, data_dir=data_dir, cache_dir=cache_dir, max_tokens=max_tokens)
+        ids = tokenize_corpus(corpus, split, tok, data_dir=data_dir, cache_dir=cache_dir, max_tokens=max_tokens, join=join)
         return torch.from_numpy(np.asarray(ids, dtype=np.int64)), str(corpus)
     ids = torch.as_tensor(np.asarray(corpus), dtype=torch.long).flatten()
     return (ids if max_tokens is None else ids[:max_tokens]), ""
@@ -86,9 +96,11 @@ def _tokens(corpus, split, tokenizer, data_dir, max_tokens, cache_dir) -> tuple[
 @torch.no_grad()
 def perplexity(model, corpus, split: str = "test", *, tokenizer=None, data_dir=None, context: int | None = None,
                stride: int | None = None, batch_size: int = 8, max_tokens: int | None = None, eos_prefix: bool = False,
-               drop_last: bool = False, precision: str = "auto", cache_dir=None, progress: bool = True) -> Perplexity:
-    "Perplexity of `model` on `corpus` (a name in `CORPORA`, or token ids): authors' blocks (`stride=None`) or rolling windows."
-    ids, name = _tokens(corpus, split, tokenizer, data_dir, max_tokens, cache_dir)
+               drop_last: bool = False, precision: str = "auto", cache_dir=None, progress: bool = True,
+               join: str | None = "\n\n") -> Perplexity:
+    "Perplexity of `model` on `corpus` (a name in `CORPORA`: its rows joined by `join`, or token ids): authors' blocks (`stride=None`) or rolling windows."
+    ids, name = _tokens(corpus, split, tokenizer, data_dir, max_tokens, cache_dir, join)
+    batch_size = _batch_for(model, batch_size)
     if eos_prefix:  # lm-eval's convention: the first token is predicted from <|endoftext|>
         ids = torch.cat([torch.tensor([model.config.eos_token_id]), ids])
     context = context or model.config.n_positions
@@ -115,7 +127,7 @@ def perplexity(model, corpus, split: str = "test", *, tokenizer=None, data_dir=N
     return Perplexity(ppl=math.exp(nll.sum().item() / count.sum().item()),
                       ppl_windows=math.exp((nll / count).mean().item()), nll=nll.sum().item(),
                       tokens=int(count.sum()), windows=len(ws), context=context, stride=stride, corpus=name,
-                      split=split if name else "")
+                      split=split if name else "", batch_size=batch_size, join=join if name else None)
 
 # %% ../nbs/06_evaluate.ipynb #5b09f4f0
 def _lm_tokenizer(data_dir=None):
@@ -140,6 +152,7 @@ def lambada(model, tokenizer=None, data_dir=None, batch_size: int = 16, limit: i
     "LAMBADA (OpenAI) last-word accuracy and perplexity, lm-eval's `lambada_openai` definitions: {acc, ppl, n}."
     tokenizer = tokenizer if tokenizer is not None else _lm_tokenizer(data_dir)
     reqs = lambada_requests(load_corpus("lambada", "test", data_dir, limit=limit)["text"], tokenizer)
+    batch_size = _batch_for(model, batch_size)   # padding would enter a scale that spans tokens
     ctx_len, device = model.config.n_positions, model_device(model)
     seqs = [(c + t)[-(ctx_len + 1):][:-1] for c, t in reqs]
     order = sorted(range(len(reqs)), key=lambda i: -len(seqs[i]))   # long first, as lm-eval; little padding
@@ -341,7 +354,7 @@ def downstream(model, tasks=PAPER_TASKS, num_fewshot: int = 5, seeds=(0, 1, 2), 
     with _quiet(verbose):
         if isinstance(model, LM): lm = model
         elif isinstance(model, (str, Path)): lm = QuantstudyLM(path=model, data_dir=data_dir, batch_size=batch_size)
-        else: lm = QuantstudyLM(pretrained=model, data_dir=data_dir, batch_size=batch_size)
+        else: lm = QuantstudyLM(pretrained=model, data_dir=data_dir, batch_size=_batch_for(model, batch_size))
         tm = (TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=dict(data_dir=str(root)))
               if root is not None else TaskManager())
         loaded = list(tm.load(run)["tasks"].values())   # built once; each run re-seeds the few-shot sampler

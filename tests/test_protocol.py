@@ -1,0 +1,81 @@
+"""The paper's protocol as the authors measured it (issue 11): perplexity texts, per-window scales, corpora and splits,
+scale floors, which moments are quantized, full-length runs, gradient placements, the analyses and the report."""
+import copy, json, math, os
+from pathlib import Path
+import numpy as np, pytest, torch
+
+DATA = Path(os.environ.get("QUANTSTUDY_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+os.environ.setdefault("QUANTSTUDY_DATA", str(DATA))
+from quantstudy.data import CORPORA, hub_rows, load_corpus, load_tokenizer, tokenize_corpus
+
+needs_data = pytest.mark.skipif(not (DATA / "ptb").is_dir(), reason=f"no data root at {DATA}")
+
+@pytest.fixture(autouse=True)
+def data_env(monkeypatch):
+    "Every test sees the data root in $QUANTSTUDY_DATA."
+    monkeypatch.setenv("QUANTSTUDY_DATA", str(DATA))
+
+@pytest.fixture(scope="module")
+def tok(): return load_tokenizer(DATA)
+
+# item 1: the tokenized WikiText sets, rows joined with "\n\n"
+@needs_data
+def test_wikitext_columns_are_the_tokenized_sets_and_differ(tok, tmp_path):
+    wt2, wt103 = (tokenize_corpus(n, "test", tok, DATA, tmp_path, join="\n\n") for n in ("wikitext2", "wikitext103"))
+    assert "<unk>" in tok.decode(wt2[:200])                                  # wiki.test.tokens, not the raw text
+    assert len(wt2) != len(wt103) and not np.array_equal(wt2[:2000], wt103[:2000])   # the two columns are not one text
+    raw = tokenize_corpus("wikitext2-raw", "test", tok, DATA, tmp_path, join="\n\n")   # raw stays available by name
+    assert "<unk>" not in tok.decode(raw[:2000])
+
+@needs_data
+def test_perplexity_text_is_the_hub_rows_joined(tok, tmp_path):
+    lines = (DATA / "wikitext-2/wiki.test.tokens").read_text(encoding="utf-8").split("\n")
+    rows = [l + "\n" if l.strip() else "" for l in lines[:-1]]               # the hub's rows: blank lines empty
+    assert hub_rows("wikitext2", load_corpus("wikitext2", "test")["text"]) == rows
+    ids = tokenize_corpus("wikitext2", "test", tok, DATA, tmp_path, join="\n\n", max_tokens=3000)
+    assert ids.tolist() == tok.backend_tokenizer.encode("\n\n".join(rows)).ids[:3000]
+    lm1b = hub_rows("lm1b", load_corpus("lm1b", "test", limit=3)["text"])
+    assert all(not r.endswith("\n") for r in lm1b)                          # 1BW and PTB rows: bare sentences
+
+@needs_data
+def test_perplexity_defaults_to_the_joined_text(tok):
+    from quantstudy.model import build_model
+    from quantstudy.evaluate import perplexity
+    m = build_model("tiny", seed=0).eval()
+    r = perplexity(m, "ptb", max_tokens=512, progress=False)
+    joined = tokenize_corpus("ptb", "test", tok, DATA, join="\n\n", max_tokens=512)
+    assert r.join == "\n\n" and r.ppl == pytest.approx(perplexity(m, joined.astype(np.int64), progress=False).ppl, rel=1e-6)
+
+# item 3: per-tensor activation scales per scored window
+@needs_data
+@pytest.mark.parametrize("act", ["4-tensor", "4-channel"])
+def test_per_tensor_perplexity_does_not_depend_on_the_batch(tok, act):
+    from quantstudy.model import Recipe, build_model
+    from quantstudy.qlinear import LinearQuant
+    from quantstudy.evaluate import perplexity
+    m = build_model("tiny", Recipe(linear=LinearQuant(act=act)), seed=0).eval()
+    ids = torch.from_numpy(tokenize_corpus("ptb", "test", tok, DATA, max_tokens=1024).astype(np.int64))
+    one, eight = (perplexity(m, ids, batch_size=b, progress=False) for b in (1, 8))
+    assert math.isfinite(one.ppl) and one.ppl == eight.ppl and eight.batch_size == 1
+
+# items 10, 11: the OpenWebText sample is its own corpus; the full one needs its files; split options
+@needs_data
+def test_openwebtext_never_falls_back_to_the_sample():
+    with pytest.raises(FileNotFoundError) as e: load_corpus("openwebtext", "train", DATA)
+    assert "openwebtext/openwebtext.jsonl" in str(e.value)
+    assert CORPORA["openwebtext-sample"].hub is None and len(load_corpus("openwebtext-sample", "validation")) == 11
+
+@needs_data
+def test_paper_preset_fails_before_training_without_the_full_corpus(tmp_path):
+    from quantstudy.train import datasets_for, preset
+    with pytest.raises(FileNotFoundError, match="openwebtext.jsonl"): datasets_for(preset("paper"))
+
+@needs_data
+def test_heldout_fraction_and_seed_are_options(tok, tmp_path):
+    n = sum(len(load_corpus("openwebtext-sample", s)) for s in ("train", "validation"))
+    assert len(load_corpus("openwebtext-sample", "validation", heldout=0.0005)) == math.ceil(0.0005 * n)
+    a, b = (list(load_corpus("openwebtext-sample", "validation", seed=s)["text"]) for s in (2345, 1))
+    assert a != b and a == list(load_corpus("openwebtext-sample", "validation")["text"])   # 2345: the authors' seed
+    with pytest.raises(ValueError, match="heldout"): load_corpus("ptb", "test", heldout=0.1)
+    x, y = (tokenize_corpus("openwebtext-sample", "validation", tok, DATA, tmp_path, seed=s) for s in (2345, 1))
+    assert not np.array_equal(x[:100], y[:100])                             # the cache key holds the seed
