@@ -79,3 +79,34 @@ def test_heldout_fraction_and_seed_are_options(tok, tmp_path):
     with pytest.raises(ValueError, match="heldout"): load_corpus("ptb", "test", heldout=0.1)
     x, y = (tokenize_corpus("openwebtext-sample", "validation", tok, DATA, tmp_path, seed=s) for s in (2345, 1))
     assert not np.array_equal(x[:100], y[:100])                             # the cache key holds the seed
+
+# item 4: every cell of report.PAPER against the paper's text, Table 11's 8-bit per-column row included
+PAPER_TEXT = Path(__file__).resolve().parents[2] / "shared" / "paper" / "000_91d3a43653df32f3.txt"
+
+def _paper_tables(text: str) -> dict[int, list[list]]:
+    "The number rows of each table of the paper's text (`-` as None), in the printed order."
+    import re
+    lines, out, cur = text.split("\n"), {}, None
+    for l in lines:
+        m = re.match(r"Table (\d+):", l)
+        if m: cur = out.setdefault(int(m.group(1)), []); continue
+        if cur is None: continue
+        nums = re.findall(r"(?<![\w.])-?\d+\.\d+|(?<=\t)-(?=\t|$)", l)
+        if len(nums) >= 4: cur.append([None if n == "-" else float(n) for n in nums])
+        elif l.startswith(("## ", "<sup>")): cur = None
+    return out
+
+@pytest.mark.skipif(not PAPER_TEXT.is_file(), reason="the paper's text is not beside the checkout")
+def test_every_paper_cell_matches_the_paper():
+    from quantstudy.report import PAPER, TABLES
+    printed = _paper_tables(PAPER_TEXT.read_text(encoding="utf-8"))
+    for t in TABLES:
+        ours = [PAPER[t.number].get(n) for n in t.rows]
+        assert [list(r) if r is not None else None for r in ours] == printed[t.number][:len(t.rows)], t.number
+        assert len(printed[t.number]) == len(t.rows)   # no printed row is left out
+    assert PAPER[11]["ptq-a8-channel"] == (40.09, 34.44, 35.43, 44.37)
+
+def test_table11_has_its_8bit_per_column_row():
+    from quantstudy.report import TABLES, paper_cells
+    t11 = next(t for t in TABLES if t.number == 11)
+    assert paper_cells(t11, "ptq-a8-channel") == ["40.09", "34.44", "35.43", "44.37"]
