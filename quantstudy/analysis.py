@@ -719,7 +719,7 @@ def gradient_histogram(g: torch.Tensor, spec="8-token", bins: int = 80, rel: flo
     nz = a[a > 0]
     lg = torch.log10(nz)
     lo, hi = lg.min().item(), lg.max().item()
-    scale, _ = qparams(g, spec.bits, spec.axis("grad"), spec.symmetric)
+    scale, _ = qparams(g, spec.bits, spec.axis("grad"), spec.symmetric, spec.min_range("grad"))
     return dict(numel=g.numel(), absmax=a.max().item(), exact_zero_fraction=(a == 0).float().mean().item(),
                 rel=rel, near_zero_fraction=(a < rel * a.max()).float().mean().item(),
                 quant_spec=spec.name, quantized_zero_fraction=(spec(g, "grad") == 0).float().mean().item(),

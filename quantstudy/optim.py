@@ -79,14 +79,16 @@ def _scale_dims(spec: QuantSpec, channel_dim: int = 0) -> tuple:
     return (2,) if channel_dim == 0 else (1,)
 
 def _encode_(x: torch.Tensor, spec: QuantSpec, channel_dim: int = 0):
-    "Quantize the fp32 moments `x[k, r, c]` in place (eq. 1, as `quantize`): `(codes as floats [k, r*c], scale, zero)`."
+    "Quantize the fp32 moments `x[k, r, c]` in place (eq. 1, as `spec.quantize(., 'moment')`, floor included): `(codes as floats [k, r*c], scale, zero)`."
     k = x.shape[0]
     n, p = qrange(spec.bits)
-    dims = _scale_dims(spec, channel_dim)
+    dims, floor = _scale_dims(spec, channel_dim), spec.min_range("moment")
     hi, lo = x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True)   # scales [k, r, 1], [k, 1, c] or [k, 1, 1]
     # divide by 0-d tensors, as `qparams` does: a Python-int divisor becomes a reciprocal multiply on CUDA
-    if spec.symmetric: scale, zero = torch.maximum(hi, lo.neg()) / _const(p, x.device), None
-    else: scale = (hi.clamp_(min=0) - lo.clamp_(max=0)) / _const(p - n, x.device)
+    span = torch.maximum(hi, lo.neg()) if spec.symmetric else hi.clamp_(min=0) - lo.clamp_(max=0)
+    if floor: span = torch.maximum(span, _const(floor, x.device))   # the authors' minimum_range of optimizer states: 1e-8
+    if spec.symmetric: scale, zero = span / _const(p, x.device), None
+    else: scale = span / _const(p - n, x.device)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))   # an all-zero row: scale 1, codes 0
     x.div_(scale).round_()
     if not spec.symmetric:

@@ -329,7 +329,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Te
 # %% ../nbs/01_qlinear.ipynb #7924ad1b
 def _codes(x, spec, role):
     "Symmetric codes and fp32 scale of `x` in `role`."
-    codes, scale, _ = quantize(x, spec.bits, spec.axis(role))
+    codes, scale, _ = spec.quantize(x, role)   # its axis and floor
     return codes, scale
 
 class _Int8LinearFn(torch.autograd.Function):

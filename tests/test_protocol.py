@@ -110,3 +110,33 @@ def test_table11_has_its_8bit_per_column_row():
     from quantstudy.report import TABLES, paper_cells
     t11 = next(t for t in TABLES if t.number == 11)
     assert paper_cells(t11, "ptq-a8-channel") == ["40.09", "34.44", "35.43", "44.37"]
+
+# item 7: the floor of the scale, per role, as the authors' minimum_range
+def test_quantspec_floor_defaults_per_role():
+    from quantstudy.quantizers import FLOORS, QuantSpec
+    assert FLOORS == {"weight": 1e-5, "act": 1e-5, "grad": 1e-9, "moment": 1e-8}
+    s = QuantSpec(8, "channel")
+    assert [s.min_range(r) for r in ("weight", "act", "grad", "moment")] == [1e-5, 1e-5, 1e-9, 1e-8]
+    assert QuantSpec(8, floor=1e-3).min_range("grad") == 1e-3 and QuantSpec.parse(QuantSpec(4, floor=0).name).floor == 0.0
+
+def test_floor_binds_on_an_early_second_moment():
+    "Early in training v = (1 - beta2) g^2 ~ 1e-11: below the 1e-8 floor, QAdamW's stored v8 codes are all 0."
+    from quantstudy.optim import QAdamW
+    for floor, zero in ((None, True), (0.0, False)):
+        w = torch.nn.Parameter(torch.zeros(6, 5))
+        w.grad = torch.full((6, 5), 1e-4); w.grad[0, 0] = 1.5e-4        # v = 1e-3 * 1e-8 = 1e-11 (max 2.25e-11)
+        opt = QAdamW([w], lr=1e-3, optim_quant={"v": {"bits": 8, "granularity": "tensor", "floor": floor}})
+        opt.step()
+        codes = opt.moment_codes(w, "exp_avg_sq")
+        assert bool((codes == 0).all()) == zero, floor   # with the floor: the zero bin; without: codes up to 127
+        if not zero: assert codes.max().item() == 127
+
+def test_floor_in_the_fake_and_int8_paths():
+    from quantstudy.quantizers import QuantSpec, fake_quantize, quantize, using_compile_policy
+    g = torch.randn(64, 4096) * 1e-13                                   # a gradient far below the 1e-9 floor
+    assert (QuantSpec(8, "token")(g, "grad") == 0).all() and (fake_quantize(g, 8, 0) != 0).any()
+    with using_compile_policy(min_numel=0, after_numel=0):              # the fused kernel applies the same floor
+        fused = QuantSpec(8, "token")(g * 1e3, "grad")
+    assert torch.equal(fused, fake_quantize(g * 1e3, 8, 0, floor=1e-9))
+    codes, scale, _ = QuantSpec(8).quantize(torch.full((3, 3), 1e-7), "weight")
+    assert scale.item() == pytest.approx(1e-5 / 127) and (codes == 1).all()
