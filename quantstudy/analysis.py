@@ -761,14 +761,16 @@ def plot_gradients(data):
     return fig
 
 # %% ../nbs/07_analysis.ipynb #4f902f20
-def _v_codes(opt, p, spec: QuantSpec):
+def _v_codes(opt, p, spec: QuantSpec, channel_dim: int = 0):
     "(codes as stored or as `spec` would store them, stored quantized?, fraction of exact zeros of v, bits)."
     st = opt.state[p]
     if "exp_avg_sq_codes" in st:
         codes = opt.moment_codes(p, "exp_avg_sq")
         return codes, True, (codes == 0).float().mean().item(), st["exp_avg_sq_bits"]
     v = opt.moment(p, "exp_avg_sq")
-    return quantize(v, spec.bits, spec.axis("moment"), spec.symmetric)[0], False, (v == 0).float().mean().item(), spec.bits
+    # the optimizer's own axis: a per-channel scale runs along `channel_dim` (1 for HF Conv1D's [in, out] weights)
+    axis = channel_dim if spec.granularity == "channel" else spec.axis("moment")
+    return quantize(v, spec.bits, axis, spec.symmetric, spec.min_range("moment"))[0], False, (v == 0).float().mean().item(), spec.bits
 
 def _v_spec(opt) -> str | None:
     "The name of the second-moment quantizer of `opt`'s first param group."
@@ -796,23 +798,29 @@ def second_moment(target=None, *, optimizer: QAdamW | None = None, checkpoint="l
     linear = {id(m.weight) for m in linear_modules(model).values()} - embeddings if model is not None else set()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.dim() == 2 and optimizer.state.get(p)]
     if not params: raise ValueError("the optimizer has no state for any 2-D parameter yet: take a step first")
-    counts, per_param, layouts, tally = 0, {}, set(), dict(all=[0, 0, 0.0], linear=[0, 0, 0.0])
+    channel_dims = {id(p): g.get("channel_dim", 0) for g in optimizer.param_groups for p in g["params"]}
+    run_spec = _v_spec(optimizer)
+    if run_spec is not None and any("exp_avg_sq_codes" in optimizer.state[p] for p in params):
+        spec = QuantSpec.parse(run_spec)   # a v-quantized run: its fp32 moments (the embeddings) read as its own codes would
+    counts, per_param, layouts, tally, stored_any = 0, {}, set(), dict(all=[0, 0, 0.0], linear=[0, 0, 0.0]), False
     for i, p in enumerate(params):
-        codes, stored, exact, bits = _v_codes(optimizer, p, spec)
+        codes, stored, exact, bits = _v_codes(optimizer, p, spec, channel_dims.get(id(p), 0))
         lo, hi = qrange(bits)
         counts = counts + torch.bincount((codes.flatten().long() - lo).cpu(), minlength=hi - lo + 1)
         zeros = (codes == 0).sum().item()
         for kind in ("all", "linear") if id(p) in linear else ("all",):
             t = tally[kind]; t[0] += zeros; t[1] += p.numel(); t[2] += exact * p.numel()
-        layouts.add((stored, bits))
-        per_param[names.get(id(p), f"param{i}")] = dict(shape=list(p.shape), zero_fraction=zeros / p.numel(), exact_zero_fraction=exact)
+        layouts.add(bits)
+        stored_any = stored_any or stored
+        per_param[names.get(id(p), f"param{i}")] = dict(shape=list(p.shape), zero_fraction=zeros / p.numel(),
+                                                        exact_zero_fraction=exact, stored="quantized" if stored else "fp32")
         if step is None: step = int(optimizer.state[p]["step"].item())
-    if len(layouts) > 1: raise ValueError(f"second moments stored with mixed layouts {sorted(layouts)}: analyse one recipe at a time")
-    (stored, bits), = layouts
+    if len(layouts) > 1: raise ValueError(f"second moments stored with mixed bit widths {sorted(layouts)}: analyse one recipe at a time")
+    (bits,), stored = layouts, stored_any
     frac = lambda k, j: tally[k][j] / tally[k][1] if tally[k][1] else None
     return _jsonable(dict(analysis="second_moment", figure=12, stored="quantized" if stored else "fp32", step=step,
                           spec=_v_spec(optimizer) if stored else spec.name, bits=bits, numel=tally["all"][1],
-                          zero_fraction=frac("all", 0 if stored else 2), quantized_zero_fraction=frac("all", 0),
+                          zero_fraction=frac("all", 2), quantized_zero_fraction=frac("all", 0),
                           linear_zero_fraction=frac("linear", 0), codes=list(range(qrange(bits)[0], qrange(bits)[1] + 1)),
                           counts=counts, per_param=per_param))
 

@@ -14,7 +14,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.pytorch_utils import Conv1D
 from .model import Recipe, build_model, save_model
 from .qlinear import QuantConv1D
-from .optim import QAdamW
+from .optim import OptimQuant, QAdamW
 from .data import BlockDataset, load_tokenizer, tokenize_corpus
 
 # %% auto #0
@@ -179,15 +179,19 @@ def _drop_partial_checkpoints(out_dir):
 
 # %% ../nbs/05_train.ipynb #ac4a0a06
 def make_optimizer(model, cfg: TrainConfig, recipe: Recipe | None = None):
-    "`QAdamW` with decoupled weight decay on matrices only and the recipe's moment quantization, and its schedule."
+    "`QAdamW` with decoupled weight decay on matrices only and the recipe's moment quantization (linear-layer weights; embeddings if asked), and its schedule."
     decay = set(Trainer.get_decay_parameter_names(None, model))  # a method that does not use `self`
     in_out = {id(m.weight) for m in model.modules() if isinstance(m, (Conv1D, QuantConv1D))}
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}   # wte (= the tied head), wpe
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [dict(params=[p for n, p in named if n in decay and id(p) not in in_out], weight_decay=cfg.weight_decay),
-              dict(params=[p for n, p in named if n in decay and id(p) in in_out], weight_decay=cfg.weight_decay, channel_dim=1),
+    oq = OptimQuant.parse(recipe.optim if recipe is not None else None)
+    linear = [p for n, p in named if n in decay and id(p) not in embedding]
+    groups = [dict(params=[p for p in linear if id(p) not in in_out], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in linear if id(p) in in_out], weight_decay=cfg.weight_decay, channel_dim=1),
+              dict(params=[p for n, p in named if n in decay and id(p) in embedding], weight_decay=cfg.weight_decay,
+                   quantize_moments=oq.embeddings),   # the authors quantize linear-layer weights' moments only
               dict(params=[p for n, p in named if n not in decay], weight_decay=0.0)]
-    opt = QAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                 optim_quant=recipe.optim if recipe is not None else None)
+    opt = QAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, optim_quant=oq)
     return opt, get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
 
 # %% ../nbs/05_train.ipynb #be2d4176

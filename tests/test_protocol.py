@@ -140,3 +140,41 @@ def test_floor_in_the_fake_and_int8_paths():
     assert torch.equal(fused, fake_quantize(g * 1e3, 8, 0, floor=1e-9))
     codes, scale, _ = QuantSpec(8).quantize(torch.full((3, 3), 1e-7), "weight")
     assert scale.item() == pytest.approx(1e-5 / 127) and (codes == 1).all()
+
+# item 6: Adam moments quantized on linear-layer weights only; the embeddings an explicit option
+def _tiny_step(recipe, seed=0):
+    "A tiny GPT-2 with `recipe` after one optimizer step of `make_optimizer` on a fixed batch."
+    from quantstudy.model import build_model
+    from quantstudy.train import make_optimizer, preset
+    m = build_model("tiny", recipe, seed=seed)
+    x = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)   # the same dropout masks in every call
+    m(input_ids=x, labels=x).loss.backward()
+    opt, _ = make_optimizer(m, preset("smoke"), recipe)
+    opt.step()
+    return m, opt
+
+def test_moments_quantized_on_linear_weights_only():
+    from quantstudy.model import Recipe
+    from quantstudy.optim import OptimQuant
+    m, opt = _tiny_step(Recipe(optim=OptimQuant(m="8-channel", v="8-channel")))
+    for emb in (m.transformer.wte.weight, m.transformer.wpe.weight):          # wte is the tied LM head too
+        assert "exp_avg" in opt.state[emb] and "exp_avg_codes" not in opt.state[emb]
+    assert "exp_avg_codes" in opt.state[m.transformer.h[0].attn.c_attn.weight]
+    assert "exp_avg_sq_codes" in opt.state[m.transformer.h[0].mlp.c_proj.weight]
+    m, opt = _tiny_step(Recipe(optim=OptimQuant(m="8-channel", embeddings=True)))  # the explicit option
+    assert "exp_avg_codes" in opt.state[m.transformer.wte.weight] and OptimQuant.parse("m8-channel_emb").embeddings
+
+# item 13: the zero bin of a baseline's fp32 v is read along the optimizer's own axis
+def test_second_moment_reads_conv1d_v_along_the_optimizers_axis():
+    from quantstudy.model import Recipe
+    from quantstudy.optim import OptimQuant
+    from quantstudy.analysis import second_moment
+    m1, o1 = _tiny_step(Recipe())                                    # fp32 v: the would-be codes of 8-channel
+    m2, o2 = _tiny_step(Recipe(optim=OptimQuant(v="8-channel")))     # the same first step, v stored as 8-channel codes
+    a, b = second_moment(m1, optimizer=o1, spec="8-channel"), second_moment(m2, optimizer=o2)
+    assert b["stored"] == "quantized" and a["stored"] == "fp32"
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"):   # Conv1D [in, out]
+        assert b["per_param"][name]["stored"] == "quantized"
+        assert a["per_param"][name]["zero_fraction"] == b["per_param"][name]["zero_fraction"], name
+    assert a["quantized_zero_fraction"] == b["quantized_zero_fraction"]
