@@ -13,8 +13,8 @@ from matplotlib import ticker
 # %% auto #0
 __all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER', 'TABLES', 'FIGURES', 'DPI', 'AUTHORS_DEFAULTS', 'SETTINGS',
            'row_label', 'curve_label', 'curve_style', 'TableLayout', 'FigureLayout', 'load_results', 'run_state',
-           'val_curve', 'row_values', 'table_rows', 'paper_cells', 'render_table', 'plot_validation', 'plot_tasks',
-           'quant_label', 'render_summary', 'report', 'fake_results']
+           'val_curve', 'evaluated', 'divergence_note', 'row_values', 'table_rows', 'paper_cells', 'render_table',
+           'plot_validation', 'plot_tasks', 'quant_label', 'render_summary', 'report', 'fake_results']
 
 # %% ../nbs/10_report.ipynb #36afd6e4
 CITE = "Chitsaz et al. 2024"
@@ -180,6 +180,21 @@ def val_curve(r: dict | None) -> tuple[list, list]:
            if isinstance(p.get("loss"), (int, float)) and math.isfinite(p["loss"])]
     return [s for s, _ in pts], [l for _, l in pts]
 
+def evaluated(r: dict | None) -> bool:
+    "Whether a run has numbers: it completed, or diverged and was evaluated at its last finite checkpoint."
+    return run_state(r) is None or bool(r and r.get("evaluated_checkpoint") and r.get("metrics"))
+
+def divergence_note(name: str, r: dict | None) -> str | None:
+    "The footnote of a run that diverged but was evaluated (the paper's protocol), else None."
+    if not r: return None
+    d = r.get("divergence") or {}
+    if r.get("status") == "complete" and d:
+        return (f"`{name}`: diverged at step {d.get('step', '?')} ({' '.join(str(d.get('reason')).split())[:120]}); "
+                f"trained on to step {r.get('step', '?')} and evaluated there, as the paper trains every run to the end")
+    if r.get("evaluated_checkpoint") and r.get("metrics"):
+        return f"`{name}`: stopped at step {r.get('step', '?')}: {_reason(r)}"
+    return None
+
 def _reason(r: dict) -> str:
     return " ".join(str(r.get("reason") or "no reason given").split())[:200]
 
@@ -214,14 +229,15 @@ def table_rows(layout: TableLayout, results: dict) -> tuple[list[list[str]], lis
     rows, skipped, notes = [], {}, []
     for name in layout.rows:
         r, state = results.get(name), run_state(results.get(name))
-        if state is None:
+        if (note := divergence_note(name, r)): notes.append(note)
+        if evaluated(r):
             vals = row_values(r, layout.kind)
             for col, v in zip(layout.columns, vals):
                 if isinstance(v, str): skipped.setdefault((col, v), []).append(name)
             cells = ["-" if isinstance(v, str) else _fmt(v) for v in vals]
         else:
             cells = [state] * len(layout.columns)
-            if r is not None: notes.append(f"`{name}`: {state}: {_reason(r)}")
+            if r is not None and r.get("status") != "complete": notes.append(f"`{name}`: {state}: {_reason(r)}")
         rows.append([*row_label(name), *cells, name])
     notes += [f"`-` {col}, {', '.join(f'`{n}`' for n in names)}: {why}" for (col, why), names in skipped.items()]
     return rows, notes
@@ -316,8 +332,8 @@ def plot_tasks(layout: FigureLayout, results: dict, path, study: str = "") -> Pa
     bars, absent = {}, {}
     for name in ("baseline", *layout.runs):
         r, state = results.get(name), run_state(results.get(name))
-        vals = {} if state else dict(zip([*TASK_COLUMNS.values(), "Average"], row_values(r, "tasks")))
-        if state or all(isinstance(v, str) for v in vals.values()): absent.setdefault(state or "no task evaluated", []).append(name)
+        vals = {} if not evaluated(r) else dict(zip([*TASK_COLUMNS.values(), "Average"], row_values(r, "tasks")))
+        if not vals or all(isinstance(v, str) for v in vals.values()): absent.setdefault(state or "no task evaluated", []).append(name)
         else: bars[name] = vals
     notes = [f"{state}: {', '.join(names)}" for state, names in absent.items()]
     cols = [c for c in [*TASK_COLUMNS.values(), "Average"] if any(not isinstance(v[c], str) for v in bars.values())]

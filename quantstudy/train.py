@@ -19,8 +19,9 @@ from .data import BlockDataset, load_tokenizer, tokenize_corpus
 
 # %% auto #0
 __all__ = ['PRESETS', 'TrainConfig', 'preset', 'use_bf16', 'tune_cpu_allocator', 'DivergenceCallback', 'write_json',
-           'curves_from_history', 'CurvesCallback', 'checkpoints', 'last_checkpoint', 'make_optimizer', 'training_args',
-           'datasets_for', 'train', 'write_run_config', 'main']
+           'curves_from_history', 'CurvesCallback', 'checkpoints', 'last_checkpoint', 'finite_weights',
+           'last_finite_checkpoint', 'make_optimizer', 'training_args', 'datasets_for', 'train', 'write_run_config',
+           'main']
 
 # %% ../nbs/05_train.ipynb #6e31e836
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class TrainConfig:
     diverge_loss: float | None = None       # an eval loss above this is divergent; None: ln(vocab size)
     diverge_rise: float = 1.0               # ... or this far above the best eval loss so far
     diverge_patience: int = 2               # for this many evaluations in a row
+    stop_on_divergence: bool = True         # False (the paper): record a divergence and train on to max_steps
+    val_fraction: float | None = None       # held-out corpora (OpenWebText): the validation fraction; None: the corpus's 0.5%
+    val_seed: int | None = None             # ... and the seed of that split; None: the authors' 2345
 
     def __post_init__(self):
         for k in ("block_size", "batch_size", "micro_batch_size", "max_steps", "eval_every", "log_every", "save_every"):
@@ -84,7 +88,8 @@ PRESETS = {
     # Appendix A.1 and the authors' code: 300k steps of 512 x 1024 tokens of OpenWebText.
     "paper": TrainConfig(size="small", corpus="openwebtext", val_split="validation", block_size=1024,
                          batch_size=512, micro_batch_size=16, max_steps=300_000, warmup_steps=1000,
-                         eval_every=1000, eval_blocks=200, log_every=100, save_every=1000),
+                         eval_every=1000, eval_blocks=200, log_every=100, save_every=1000,
+                         stop_on_divergence=False),   # every run trained to 300k steps and evaluated, as the paper did
     # Minutes on a 2-core CPU: the same recipe, shrunk, on Penn Treebank.
     # The 50257-way output layer is most of the cost at this size, so depth is cheap and width is not.
     "smoke": TrainConfig(size="tiny", model=dict(n_layer=4, n_head=4, n_embd=128), corpus="ptb",
@@ -115,26 +120,29 @@ def tune_cpu_allocator():
 
 # %% ../nbs/05_train.ipynb #03017b71
 class DivergenceCallback(TrainerCallback):
-    "Stop a run whose loss is not finite or stays above a bound; record the step and the reason."
-    def __init__(self, bound: float, rise: float = 1.0, patience: int = 2):
-        self.bound, self.rise, self.patience = bound, rise, patience
-        self.best, self.bad, self.diverged = math.inf, 0, None
+    "Record the first step where the loss is not finite or stays above a bound, and why; stop there if `stop` (always if not finite)."
+    def __init__(self, bound: float, rise: float = 1.0, patience: int = 2, stop: bool = True):
+        self.bound, self.rise, self.patience, self.stop = bound, rise, patience, stop
+        self.best, self.bad, self.diverged, self.stopped, self.nonfinite = math.inf, 0, None, False, False
 
-    def _stop(self, control, step, reason):
-        self.diverged = dict(step=step, reason=reason)
-        control.should_training_stop = True
-        control.should_save = True  # keep the state it diverged in: the analyses read it (e.g. the zero bin of v, Fig. 12)
+    def _stop(self, control, step, reason, nonfinite: bool = False):
+        if self.diverged is None: self.diverged = dict(step=step, reason=reason)   # the first divergence is the one reported
+        if nonfinite and not self.nonfinite: self.nonfinite, self.diverged["nonfinite"] = True, dict(step=step, reason=reason)
+        if (self.stop or nonfinite) and not self.stopped:   # a NaN cannot be trained on
+            self.stopped = True
+            control.should_training_stop = True
+            control.should_save = True  # keep the state it diverged in: the analyses read it (e.g. the zero bin of v, Fig. 12)
         return control
 
     def on_log(self, args, state, control, logs=None, **kw):
         for k in ("loss", "eval_loss", "grad_norm"):
             if logs and k in logs and not math.isfinite(logs[k]):
-                return self._stop(control, state.global_step, f"{k} is {logs[k]} at step {state.global_step}")
+                return self._stop(control, state.global_step, f"{k} is {logs[k]} at step {state.global_step}", nonfinite=True)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         loss = (metrics or {}).get("eval_loss")
         if loss is None: return
-        if not math.isfinite(loss): return self._stop(control, state.global_step, f"eval_loss is {loss}")
+        if not math.isfinite(loss): return self._stop(control, state.global_step, f"eval_loss is {loss}", nonfinite=True)
         bound = min(self.bound, self.best + self.rise)
         self.bad = self.bad + 1 if loss > bound else 0
         self.best = min(self.best, loss)
@@ -172,6 +180,16 @@ def last_checkpoint(out_dir) -> Path | None:
     "The newest complete checkpoint in `out_dir`, or None."
     done = checkpoints(out_dir)
     return done[max(done)] if done else None
+
+def finite_weights(ckpt) -> bool:
+    "True if every tensor of the checkpoint directory `ckpt` (its safetensors files) is finite."
+    from safetensors.torch import load_file
+    files = sorted(Path(ckpt).glob("*.safetensors"))
+    return bool(files) and all(bool(torch.isfinite(t).all()) for f in files for t in load_file(f).values() if t.is_floating_point())
+
+def last_finite_checkpoint(out_dir) -> Path | None:
+    "The newest complete checkpoint of `out_dir` whose weights are all finite, or None."
+    return next((p for _, p in sorted(checkpoints(out_dir).items(), reverse=True) if finite_weights(p)), None)
 
 def _drop_partial_checkpoints(out_dir):
     for p in Path(out_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
@@ -219,8 +237,9 @@ def training_args(cfg: TrainConfig, out_dir, eval_on_start: bool = True) -> Trai
 def datasets_for(cfg: TrainConfig, tokenizer=None):
     "Train and validation `BlockDataset`s of `cfg`'s corpus (tokenized once, cached)."
     tok = tokenizer or load_tokenizer(cfg.data_dir)
-    train = tokenize_corpus(cfg.corpus, cfg.train_split, tok, data_dir=cfg.data_dir, eos=cfg.eos)
-    val = tokenize_corpus(cfg.corpus, cfg.val_split, tok, data_dir=cfg.data_dir, eos=cfg.eos)
+    split = dict(heldout=cfg.val_fraction, seed=cfg.val_seed)   # a held-out corpus's split (None: its own defaults)
+    train = tokenize_corpus(cfg.corpus, cfg.train_split, tok, data_dir=cfg.data_dir, eos=cfg.eos, **split)
+    val = tokenize_corpus(cfg.corpus, cfg.val_split, tok, data_dir=cfg.data_dir, eos=cfg.eos, **split)
     if cfg.max_train_tokens: train = train[:cfg.max_train_tokens]
     if cfg.eval_blocks: val = val[:cfg.eval_blocks * cfg.block_size + 1]
     return BlockDataset(train, cfg.block_size), BlockDataset(val, cfg.block_size)
@@ -240,7 +259,7 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
                         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **cfg.model)
     opt, sched = make_optimizer(model, cfg, recipe)
     bound = cfg.diverge_loss if cfg.diverge_loss is not None else math.log(model.config.vocab_size)
-    diverge = DivergenceCallback(bound, cfg.diverge_rise, cfg.diverge_patience)
+    diverge = DivergenceCallback(bound, cfg.diverge_rise, cfg.diverge_patience, stop=cfg.stop_on_divergence)
     _drop_partial_checkpoints(out_dir)
     ckpt = last_checkpoint(out_dir) if resume else None
     trainer = Trainer(model=model, args=training_args(cfg, out_dir, eval_on_start=ckpt is None), train_dataset=train_ds,
@@ -248,10 +267,23 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
                       callbacks=[diverge, CurvesCallback(out_dir / "curves.json"), *callbacks])
     t0 = time.time()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    if trainer.state.global_step % cfg.eval_every and not diverge.diverged:
+    if trainer.state.global_step % cfg.eval_every and not diverge.stopped:
         trainer.evaluate()  # the final point of the validation curve
-    result = dict(status="diverged" if diverge.diverged else "complete", step=trainer.state.global_step,
-                  reason=(diverge.diverged or {}).get("reason"), resumed_from=ckpt.name if ckpt else None,
+    evaluated = None   # the paper's protocol, after a NaN: the last finite checkpoint is the model that is evaluated
+    if diverge.stopped and diverge.nonfinite and not cfg.stop_on_divergence:
+        _drop_partial_checkpoints(out_dir)
+        evaluated = last_finite_checkpoint(out_dir)
+        if evaluated is not None:
+            from safetensors.torch import load_file
+            state = {k: v for f in sorted(evaluated.glob("*.safetensors")) for k, v in load_file(f).items()}
+            trainer.model.load_state_dict(state, strict=False)   # the tied head is the embedding: absent from the file
+    reason = (diverge.diverged or {}).get("reason")
+    if diverge.stopped and diverge.nonfinite and not cfg.stop_on_divergence:
+        reason = (f"{diverge.diverged['nonfinite']['reason']}: " + (f"evaluated at {evaluated.name}, the last checkpoint with finite weights"
+                  if evaluated is not None else "no checkpoint with finite weights to evaluate"))
+    result = dict(status="diverged" if diverge.stopped else "complete", step=trainer.state.global_step,
+                  reason=reason, divergence=diverge.diverged, evaluated_checkpoint=evaluated.name if evaluated else None,
+                  resumed_from=ckpt.name if ckpt else None,
                   config=cfg.to_dict(), recipe=recipe.to_dict() if recipe is not None else None,
                   curves=curves_from_history(trainer.state.log_history),
                   timings=dict(train_seconds=time.time() - t0, **{k: v for k, v in out.metrics.items() if "runtime" in k or "per_second" in k}),

@@ -178,3 +178,50 @@ def test_second_moment_reads_conv1d_v_along_the_optimizers_axis():
         assert b["per_param"][name]["stored"] == "quantized"
         assert a["per_param"][name]["zero_fraction"] == b["per_param"][name]["zero_fraction"], name
     assert a["quantized_zero_fraction"] == b["quantized_zero_fraction"]
+
+# item 8: a divergence is recorded and the paper's run trains on; a NaN run is evaluated at its last finite checkpoint
+TINY = dict(max_steps=12, eval_every=4, save_every=4, log_every=2, warmup_steps=2, eval_blocks=4, block_size=64,
+            batch_size=8, micro_batch_size=8, model=dict(n_layer=1, n_head=2, n_embd=32))
+
+def test_presets_divergence_policy():
+    from quantstudy.train import preset
+    assert preset("paper").stop_on_divergence is False and preset("smoke").stop_on_divergence is True
+
+@needs_data
+def test_divergence_recorded_and_training_goes_on(tmp_path):
+    from quantstudy.train import preset, train
+    cfg = preset("smoke", **TINY, diverge_loss=0.5, stop_on_divergence=False)   # every evaluation is above 0.5
+    res = train(cfg, tmp_path / "run")
+    assert res["status"] == "complete" and res["step"] == 12                    # trained to max_steps
+    assert res["divergence"]["step"] == 4 and "above" in res["divergence"]["reason"]   # the first one, recorded
+    stopped = train(preset("smoke", **TINY, diverge_loss=0.5), tmp_path / "smoke")    # the smoke preset stops
+    assert stopped["status"] == "diverged" and stopped["step"] == 4 and stopped["evaluated_checkpoint"] is None
+
+@needs_data
+def test_nan_run_is_evaluated_at_its_last_finite_checkpoint(tmp_path):
+    from transformers import TrainerCallback
+    from quantstudy.train import finite_weights, preset, train
+    from quantstudy.model import load_model
+    class Poison(TrainerCallback):
+        "NaN weights after step 7: the loss of step 8 is NaN."
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 7:
+                with torch.no_grad(): model.transformer.wte.weight.fill_(float("nan"))
+    run = tmp_path / "run"
+    res = train(preset("smoke", **TINY, stop_on_divergence=False), run, callbacks=[Poison()])
+    assert res["status"] == "diverged" and res["step"] == 8 and res["divergence"]["nonfinite"]["step"] == 8
+    assert res["evaluated_checkpoint"] == "checkpoint-4" and "checkpoint-4" in res["reason"]
+    assert not finite_weights(run / "checkpoint-8") and finite_weights(run / "model")
+    from safetensors.torch import load_file
+    a, b = load_file(run / "checkpoint-4" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)                              # the model that is evaluated
+    assert math.isfinite(load_model(run / "model")(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().item())
+
+def test_report_shows_an_evaluated_divergent_run_with_a_note():
+    from quantstudy.report import TABLES, fake_results, table_rows
+    r = fake_results("a4-tensor"); r["divergence"] = dict(step=120, reason="eval_loss 9.1 above 8.0 for 2 evaluations")
+    t3 = next(t for t in TABLES if t.number == 3)
+    rows, notes = table_rows(t3, {"a4-tensor": r})
+    row = next(x for x in rows if x[-1] == "a4-tensor")
+    assert row[2] not in ("not run", "diverged@120") and float(row[2]) > 0
+    assert any("diverged at step 120" in n and "trained on" in n for n in notes)
