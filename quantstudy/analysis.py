@@ -645,14 +645,15 @@ def plot_sharpness(data):
     return fig
 
 # %% ../nbs/07_analysis.ipynb #b10de829
-def with_grad_quant(model, spec, grad_input: bool = False, modules="all-linear") -> nn.Module:
-    "A copy of `model` whose linear layers (`modules`) keep their weight/act quantizers and quantize the output gradient with `spec`."
+def with_grad_quant(model, spec, grad_input: bool = False, modules="all-linear", grad_weight: bool = True) -> nn.Module:
+    "A copy of `model` whose linear layers (`modules`) keep their weight/act quantizers and quantize the output gradient with `spec` (in the weight and/or input product)."
     spec = QuantSpec.parse(spec)
     m = copy.deepcopy(model)
     chosen = set(select_modules(m, modules))
     for name, mod in linear_modules(m).items():
         base = mod.quant if isinstance(mod, QuantLinear) else LinearQuant()
-        q = dataclasses.replace(base, grad=spec if name in chosen else None, grad_input=grad_input and spec is not None and name in chosen)
+        on = spec is not None and name in chosen
+        q = dataclasses.replace(base, grad=spec if on else None, grad_input=grad_input and on, grad_weight=grad_weight or not on)
         if isinstance(mod, QuantLinear): mod.quant = q
         elif not q.is_noop:
             parent, _, child = name.rpartition(".")
@@ -682,15 +683,15 @@ def _distance(g, ref, n_layer) -> dict:
     return dict(l2=l2, relative=l2 / norm, per_block=[math.sqrt(v) for v in block])
 
 def gradient_error(model, batches, specs=("8-token",), modules=None) -> dict:
-    "Per spec: L2 distance to full precision of the parameter gradients with quantized weight gradients only, and also activation gradients."
+    "Per spec: L2 distance to full precision of the parameter gradients with Q(G) in the weight gradient only, also in the input gradient, and in the input gradient only (the authors' Fig. 10 switch)."
     modules = modules or getattr(getattr(model, "recipe", None), "modules", None) or "all-linear"
     specs = [QuantSpec.parse(s) for s in ([specs] if isinstance(specs, (str, QuantSpec)) else specs)]
     refs = [_grads(with_grad_quant(model, None), x) for x in batches]
     out = {}
     for spec in specs:
         out[spec.name] = {}
-        for key, grad_input in (("weight_only", False), ("with_input", True)):
-            m, ds = with_grad_quant(model, spec, grad_input, modules), []
+        for key, (grad_weight, grad_input) in (("weight_only", (True, False)), ("with_input", (True, True)), ("input_only", (False, True))):
+            m, ds = with_grad_quant(model, spec, grad_input, modules, grad_weight), []
             for x, (loss, ref) in zip(batches, refs):
                 lq, g = _grads(m, x)
                 assert abs(lq - loss) < 1e-4 * max(1.0, abs(loss)), "the forward must not change"
@@ -742,10 +743,12 @@ def plot_gradients(data):
     fig, axes = _subplots(len(runs), 3, w=4.2, h=3.3)
     for row, (label, d) in zip(axes, runs.items()):
         specs = list(d["errors"])
-        x, w = np.arange(len(specs)), 0.38
-        for k, (key, name) in enumerate((("weight_only", "weight gradients"), ("with_input", "+ activation gradients"))):
-            row[0].bar(x + (k - 0.5) * w, [d["errors"][s][key]["relative"] for s in specs], w, label=name)
-            for s in specs: row[1].plot(np.arange(d["n_layer"]), d["errors"][s][key]["per_block"], "o-" if k else "s--", label=f"{s}: {name}")
+        kinds = [(k, n) for k, n in (("weight_only", "weight gradients"), ("with_input", "+ activation gradients"),
+                                     ("input_only", "activation gradients only")) if k in d["errors"][specs[0]]]
+        x, w = np.arange(len(specs)), 0.8 / len(kinds)
+        for k, (key, name) in enumerate(kinds):
+            row[0].bar(x + (k - (len(kinds) - 1) / 2) * w, [d["errors"][s][key]["relative"] for s in specs], w, label=name)
+            for s in specs: row[1].plot(np.arange(d["n_layer"]), d["errors"][s][key]["per_block"], ("s--", "o-", "^:")[k], label=f"{s}: {name}")
         row[0].set(xticks=x, xticklabels=specs, yscale="log", ylabel="relative L2 distance to fp", title=f"{label} gradient error".strip())
         row[0].legend(fontsize=7)
         row[1].set(yscale="log", xlabel="transformer block", ylabel="L2 distance of the block's gradients", title="per block")

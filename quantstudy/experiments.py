@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from .quantizers import QuantSpec
-from .qlinear import LinearQuant
+from .qlinear import GRAD_PLACEMENTS, LinearQuant
 from .optim import OptimQuant
 from .model import Recipe
 from .train import TrainConfig, preset
@@ -57,7 +57,7 @@ GRID = {
     "g4-token":       (_lin(grad="4-token"), ("fig9",), ("table4", "table8"), ()),
     "g8-tensor":      (_lin(grad="8-tensor"), ("fig9",), ("table4", "table8"), ()),
     "g8-token":       (_lin(grad="8-token"), ("fig9", "fig10"), ("table4", "table8"), ("gradients",)),
-    "g8-token-input": (_lin(grad="8-token", grad_input=True), ("fig10",), (), ("gradients",)),
+    "g8-token-input": (_lin(grad="8-token", **GRAD_PLACEMENTS["input"]), ("fig10",), (), ("gradients",)),   # the authors' switch
     "m4-tensor":      (_opt(m="4-tensor"), ("fig11",), ("table5", "table9"), ()),
     "m4-channel":     (_opt(m="4-channel"), ("fig11",), ("table5", "table9"), ()),
     "m8-tensor":      (_opt(m="8-tensor"), ("fig11",), ("table5", "table9"), ()),

@@ -68,7 +68,7 @@ PAPER = {  # table number -> experiment -> numbers, as printed in Chitsaz et al.
 
 # %% ../nbs/10_report.ipynb #ab854901
 _GRAN = {"tensor": "per-tensor", "channel": "per-channel", "token": "per-token", "token-asym": "per-token asymmetric"}
-_SPECIAL = {"baseline": ("", "baseline"), "g8-token-input": ("8 bit", "per-token, input gradients too"),
+_SPECIAL = {"baseline": ("", "baseline"), "g8-token-input": ("8 bit", "per-token, on the input gradients"),
             "w8a8": ("8 bit", "W per-channel + A per-token"), "w8a8g8": ("8 bit", "W per-channel + A, G per-token")}
 
 def row_label(name: str) -> tuple[str, str]:
@@ -381,7 +381,9 @@ def quant_label(config: dict) -> str:
     rec, parts = config.get("recipe") or {}, []
     lin, opt = rec.get("linear") or {}, rec.get("optim") or {}
     for key, tag in (("weight", "W"), ("act", "A"), ("grad", "G")):
-        if lin.get(key): parts.append(f"{tag} {_spec(lin[key])}" + (" (+input grads)" if key == "grad" and lin.get("grad_input") else ""))
+        where = {(True, True): " (weight and input grads)", (False, True): " (input grads only)"}.get(
+            (lin.get("grad_weight", True), bool(lin.get("grad_input"))), "") if key == "grad" else ""
+        if lin.get(key): parts.append(f"{tag} {_spec(lin[key])}{where}")
     if lin.get("backward") not in (None, "paper"): parts.append(f"backward {lin['backward']}")
     parts += [f"{k.upper()} {_spec(opt[k])}" for k in ("m", "v") if opt.get(k)]
     ptq = config.get("ptq") or {}
@@ -473,7 +475,8 @@ def _fake_recipe(name: str) -> tuple[dict, dict | None]:
     if name.startswith("ptq-"): ptq = {{"w": "weight", "a": "act"}[core[0]]: spec(core[1:])}
     elif name in ("w8a8", "w8a8g8"): lin = dict(weight=spec("8-channel"), act=spec("8-token"), grad=spec("8-token") if name == "w8a8g8" else None)
     elif core[:1] in ("w", "a", "g"):
-        lin = {{"w": "weight", "a": "act", "g": "grad"}[core[0]]: spec(core[1:].removesuffix("-input")), "grad_input": name.endswith("-input")}
+        lin = {{"w": "weight", "a": "act", "g": "grad"}[core[0]]: spec(core[1:].removesuffix("-input")), "grad_input": name.endswith("-input"),
+               "grad_weight": not name.endswith("-input")}
     elif core[:1] in ("m", "v"): opt = {core[0]: core[1:]}
     return dict(linear=lin or None, optim=opt or None, modules="all-linear"), ptq
 

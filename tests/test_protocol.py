@@ -225,3 +225,29 @@ def test_report_shows_an_evaluated_divergent_run_with_a_note():
     row = next(x for x in rows if x[-1] == "a4-tensor")
     assert row[2] not in ("not run", "diverged@120") and float(row[2]) > 0
     assert any("diverged at step 120" in n and "trained on" in n for n in notes)
+
+# item 9: three placements of the quantized output gradient, by name; g8-token-input is the authors' switch
+def test_grad_placements_by_name():
+    from quantstudy.qlinear import GRAD_PLACEMENTS, LinearQuant, QuantLinear
+    torch.manual_seed(0)
+    lin, x, g = torch.nn.Linear(24, 16), torch.randn(40, 24), torch.randn(40, 16)
+    def grads(q):
+        m = QuantLinear.from_linear(lin, q)
+        xx = x.clone().requires_grad_(True)
+        m(xx).backward(g)
+        out = (xx.grad.clone(), m.weight.grad.clone())
+        m.weight.grad = None; m.bias.grad = None
+        return out
+    fp = grads(LinearQuant())
+    r = {k: grads(LinearQuant(grad="4-token", **v)) for k, v in GRAD_PLACEMENTS.items()}
+    eq = lambda a, b: torch.equal(a, b)
+    assert eq(r["weight"][0], fp[0]) and not eq(r["weight"][1], fp[1])      # dL/dW = Q(G)^T X only (the paper)
+    assert not eq(r["input"][0], fp[0]) and eq(r["input"][1], fp[1])        # dL/dX = Q(G) W only (the authors' switch)
+    assert eq(r["both"][0], r["input"][0]) and eq(r["both"][1], r["weight"][1])
+    assert LinearQuant.from_dict(dict(grad="8-token", grad_placement="input")).grad_placement == "input"
+
+def test_g8_token_input_is_the_authors_variant():
+    from quantstudy.experiments import get_experiment
+    q = get_experiment("g8-token-input").recipe.linear
+    assert q.grad_placement == "input" and q.grad_input and not q.grad_weight
+    assert get_experiment("g8-token").recipe.linear.grad_placement == "weight"

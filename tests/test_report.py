@@ -161,7 +161,7 @@ def read_csv_text(text: str) -> list[list[str]]: return list(csv.reader(text.spl
 def test_labels_and_validation():
     assert row_label("a4-token-asym") == ("4 bit", "per-token asymmetric") and row_label("ptq-a4-channel") == ("4 bit", "per-column")
     assert quant_label(fake_results("w8a8g8")["config"]) == "W 8-channel, A 8-token, G 8-token"
-    assert quant_label(fake_results("g8-token-input")["config"]) == "G 8-token (+input grads)"
+    assert quant_label(fake_results("g8-token-input")["config"]) == "G 8-token (input grads only)"
     assert quant_label(fake_results("m4-channel")["config"]) == "M 4-channel" and quant_label(fake_results("baseline")["config"]) == "none"
     with pytest.raises(ValueError, match="status='done'"): fake_results("baseline", status="done")
     s = render_summary("x", {})
