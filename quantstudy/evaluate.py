@@ -22,10 +22,10 @@ try:  # lm-eval is optional: perplexity and LAMBADA work without it
 except ImportError: HFLM = None
 
 # %% auto #0
-__all__ = ['PAPER_CORPORA', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER_TASKS', 'TASKS_DIR', 'TASK_FILES', 'NO_LOCAL_DATA', 'windows',
-           'Perplexity', 'batch_dependent', 'perplexity', 'lambada_requests', 'lambada', 'perplexity_suite',
-           'task_unavailable', 'hellaswag_preprocess', 'task_dataset', 'model_dir', 'register', 'downstream',
-           'ppl_table', 'task_table', 'ptq', 'main', 'QuantstudyLM']
+__all__ = ['PAPER_CORPORA', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER_TASKS', 'TASKS_DIR', 'TASK_FILES', 'NO_LOCAL_DATA',
+           'PAPER_SEEDS', 'windows', 'Perplexity', 'batch_dependent', 'text_source', 'perplexity', 'lambada_requests',
+           'lambada', 'perplexity_suite', 'task_unavailable', 'hellaswag_preprocess', 'task_dataset', 'model_dir',
+           'register', 'downstream', 'ppl_table', 'task_table', 'ptq', 'main', 'QuantstudyLM']
 
 # %% ../nbs/06_evaluate.ipynb #74a8b8ac
 def windows(n: int, context: int, stride: int | None = None, drop_last: bool = False) -> list[tuple[int, int, int]]:
@@ -83,6 +83,14 @@ def batch_dependent(model) -> list[str]:
 def _batch_for(model, batch_size: int) -> int:
     "`batch_size`, or 1 where a scale spans the tokens of a batch: the authors scored one window (one request) at a time."
     return 1 if batch_size > 1 and batch_dependent(model) else batch_size
+
+def text_source(name: str, split: str = "test", data_dir=None) -> str:
+    "Where the scored text of corpus `name` comes from: its local file under the data root (with its note), or the hub dataset."
+    from .data import _resolve
+    c, split, files = _resolve(name, split, data_dir)
+    if files is None: return f"hub {'/'.join(c.hub)} {split}"
+    root = data_root(data_dir)
+    return str(files[0].relative_to(root)) + (f" ({c.note})" if c.note else "")
 
 def _tokens(corpus, split, tokenizer, data_dir, max_tokens, cache_dir, join=None) -> tuple[torch.Tensor, str]:
     if isinstance(corpus, (str, Path)):
@@ -335,9 +343,11 @@ def _metrics(res: dict) -> dict:
     return {k.split(",")[0]: float(v) for k, v in res.items()
             if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
 
-def downstream(model, tasks=PAPER_TASKS, num_fewshot: int = 5, seeds=(0, 1, 2), limit: int | float | None = None,
+PAPER_SEEDS = (42, 1234, 1337, 2024, 1357)   # the authors' evaluation seeds
+
+def downstream(model, tasks=PAPER_TASKS, num_fewshot: int = 5, seeds=PAPER_SEEDS, limit: int | float | None = None,
                data_dir=None, batch_size: int = 8, verbose: bool = False) -> dict:
-    "Few-shot lm-eval accuracy of `model` (a model, a run/model directory, or an lm-eval LM) per task: mean and std over seeds."
+    "Few-shot lm-eval accuracy of `model` (a model, a run/model directory, or an lm-eval LM) per task: mean and population std (the authors' `np.std`) over seeds."
     if not register(): raise ImportError("downstream needs lm-eval: pip install 'lm-eval>=0.4.13,<0.5'")
     from lm_eval import simple_evaluate
     from lm_eval.api.model import LM
@@ -368,9 +378,10 @@ def downstream(model, tasks=PAPER_TASKS, num_fewshot: int = 5, seeds=(0, 1, 2), 
         row = {}
         for k in ms[0]:
             v = np.array([m[k] for m in ms])
-            row[k], row[k + "_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            row[k], row[k + "_std"] = float(v.mean()), float(v.std(ddof=0))   # population, as the authors' np.std
+            row[k + "_std_sample"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
         row.update(n=int(per_seed[0]["n-samples"][t]["effective"]), num_fewshot=num_fewshot, seeds=list(seeds),
-                   per_seed=ms)
+                   std="population (ddof=0)", per_seed=ms)
         out[t] = row
     return {t: out[t] for t in tasks}
 

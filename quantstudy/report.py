@@ -14,7 +14,7 @@ from matplotlib import ticker
 __all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER', 'TABLES', 'FIGURES', 'DPI', 'AUTHORS_DEFAULTS', 'SETTINGS',
            'row_label', 'curve_label', 'curve_style', 'TableLayout', 'FigureLayout', 'load_results', 'run_state',
            'val_curve', 'evaluated', 'divergence_note', 'row_values', 'table_rows', 'paper_cells', 'render_table',
-           'plot_validation', 'plot_tasks', 'quant_label', 'render_summary', 'report', 'fake_results']
+           'protocol_notes', 'plot_validation', 'plot_tasks', 'quant_label', 'render_summary', 'report', 'fake_results']
 
 # %% ../nbs/10_report.ipynb #36afd6e4
 CITE = "Chitsaz et al. 2024"
@@ -282,10 +282,61 @@ def render_table(layout: TableLayout, results: dict, study: str) -> tuple[str, s
     else: md_rows, csv_rows, csv_header = rows, rows, header
     what = "perplexity (`metrics.perplexity`, token-weighted)" if layout.kind == "ppl" else "accuracy in % (`metrics.tasks`); Average: over the tasks a row has"
     if layout.number in (10, 11): notes.append("`per-column` is the paper's name for per-channel PTQ (our `ptq-*-channel`).")
+    notes += protocol_notes(results, layout.kind)
     md = (f"# Table {layout.number}: {layout.title}\n\n{_study_line(study, results, f'Table {layout.number}')}\n"
           f"Metric: {what}.\n\n" + _md_table(header, md_rows, right=cols))
     if notes: md += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in notes)
     return md, _csv(csv_header, csv_rows)
+
+# %% ../nbs/10_report.ipynb #ad0d8a5d
+_FLOORS_NOTE = ("scale floors (the authors' `minimum_range`): max|x| >= 1e-5 for weights and activations, 1e-9 for gradients, "
+                "1e-8 for optimizer states")
+
+def _values(results: dict, get) -> list:
+    "The distinct values `get(results.json)` takes over the runs (errors and None skipped), in order."
+    out = []
+    for r in results.values():
+        try: v = get(r)
+        except (KeyError, TypeError, AttributeError, IndexError): v = None
+        if v is not None and v not in out: out.append(v)
+    return out
+
+def protocol_notes(results: dict, kind: str) -> list[str]:
+    "Footnotes that state how the numbers were measured: the texts, the seeds and their spread, the split, the floors, which moments."
+    notes = []
+    if kind == "ppl":
+        texts = {}
+        for r in results.values():
+            for k, t in (((r.get("metrics") or {}).get("perplexity_text")) or {}).items(): texts.setdefault(k, t)
+        src = lambda k, default: texts.get(k, {}).get("source", default)
+        notes.append("Texts (the authors' protocol): the test sets' hub rows joined with `\\n\\n`, scored in non-overlapping "
+                     "windows of the model's context; WikiText103 = `wikitext-103-v1`, WikiText2 = `wikitext-2-v1` (the tokenized "
+                     f"sets, with `<unk>`): {src('wikitext103', 'wikitext-103/wiki.test.tokens')}, {src('wikitext2', 'wikitext-2/wiki.test.tokens')}; "
+                     f"PTB: {src('ptb', 'ptb/ptb.test.txt')}. Per-tensor and per-channel activation models are scored one window at a time.")
+        lm1b = src("lm1b", None)
+        notes.append(f"1BW: {lm1b}. " if lm1b else "1BW: ")
+        notes[-1] += ("The local file `1bw/1b_benchmark.test.tokens` is heldout shards 12-13, not the standard test shard 0 "
+                      "(`news.en.heldout-00000-of-00050`, see `shared/data/1bw/PROVENANCE.md`); the hub's `lm1b` test split is the "
+                      "standard one, so only a hub run is comparable with the paper's 1BW column.")
+    else:
+        seeds = _values(results, lambda r: tuple(r["config"]["evals"]["downstream"]["seeds"]))
+        notes.append(f"Downstream: 5-shot lm-eval accuracy, the mean over few-shot seeds {'; '.join(', '.join(map(str, s)) for s in seeds) or '-'} "
+                     "(the authors average 5 seeds: 42, 1234, 1337, 2024, 1357); the spread kept in results.json (`std`) is the "
+                     "population standard deviation (ddof=0, the authors' `np.std`). A task skipped offline (no faithful local data) "
+                     "is `-` with its reason below, and the Average is over the tasks a row has.")
+    moments = _values(results, lambda r: "embeddings too" if ((r["config"]["recipe"] or {}).get("optim") or {}).get("embeddings") else None)
+    notes.append("Training: Adam's moments, where quantized, on the linear layers' weights only (the tied embedding/LM head and "
+                 f"the position embedding keep fp32 moments{'; runs marked `_emb`: ' + moments[0] if moments else ''}); "
+                 + _FLOORS_NOTE + ".")
+    split = _values(results, lambda r: (r["config"]["train"].get("val_fraction"), r["config"]["train"].get("val_seed"))
+                    if r["config"]["train"].get("corpus", "").startswith("openwebtext") else None)
+    if split:
+        shown = "; ".join(f"{100 * (f if f is not None else 0.005):g}% held out, seed {s if s is not None else 2345}" for f, s in split)
+        notes.append(f"OpenWebText validation split: {shown} (the paper's text says 0.5%; the authors' code holds out 0.05%, seed 2345).")
+    stop = _values(results, lambda r: r["config"]["train"].get("stop_on_divergence"))
+    if False in stop: notes.append("Divergent runs trained on to `max_steps` and were evaluated, as in the paper (their divergence step is noted).")
+    if True in stop: notes.append("Runs of a preset with early stopping (`stop_on_divergence`) stop at a divergence and are not evaluated.")
+    return notes
 
 # %% ../nbs/10_report.ipynb #31b8f324
 DPI = 110
@@ -442,7 +493,9 @@ def render_summary(study: str, results: dict) -> str:
            "The options these runs used, against the authors' code's defaults:\n\n"
            + _md_table(["option", "used", "authors' code", "authors' default"], opts))
     other = [[k, _values_text(_by_value(results, lambda c, k=k: c["train"].get(k)))] for k in SETTINGS]
-    return md + "\nOther settings:\n\n" + _md_table(["setting", "used"], other)
+    md += "\nOther settings:\n\n" + _md_table(["setting", "used"], other)
+    protocol = list(dict.fromkeys(protocol_notes(results, "ppl") + protocol_notes(results, "tasks")))
+    return md + "\n## How the numbers were measured\n\n" + "".join(f"- {n}\n" for n in protocol)
 
 # %% ../nbs/10_report.ipynb #455438bb
 def report(study: str, runs_root="papermill_runs", out_root="figures") -> list[Path]:

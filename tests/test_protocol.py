@@ -251,3 +251,44 @@ def test_g8_token_input_is_the_authors_variant():
     q = get_experiment("g8-token-input").recipe.linear
     assert q.grad_placement == "input" and q.grad_input and not q.grad_weight
     assert get_experiment("g8-token").recipe.linear.grad_placement == "weight"
+
+# items 2, 5, 10: the report's footnotes state the protocol; 5 seeds, population std
+def _study(**train):
+    from quantstudy.report import fake_results
+    rs = {n: fake_results(n) for n in ("baseline", "w4-tensor", "m8-channel")}
+    for r in rs.values():
+        r["config"]["train"].update(train)
+        r["config"]["evals"] = {"downstream": {"seeds": [42, 1234, 1337, 2024, 1357]}}
+    return rs
+
+def test_ppl_footnotes_state_texts_1bw_floors_and_moments():
+    from quantstudy.report import TABLES, render_table
+    md, _ = render_table(next(t for t in TABLES if t.number == 2), _study(), "smoke")
+    assert "wikitext-103-v1" in md and "wikitext-2-v1" in md and "joined with `\\n\\n`" in md
+    assert "heldout shards 12-13" in md and "standard test shard 0" in md and "hub's `lm1b` test split is the standard" in md
+    assert "1e-9 for gradients" in md and "1e-8 for optimizer states" in md and "linear layers' weights only" in md
+
+def test_task_footnotes_state_seeds_and_std():
+    from quantstudy.report import TABLES, render_table
+    md, _ = render_table(next(t for t in TABLES if t.number == 6), _study(), "smoke")
+    assert "42, 1234, 1337, 2024, 1357" in md and "population standard deviation" in md and "skipped offline" in md
+
+def test_summary_states_the_openwebtext_split():
+    from quantstudy.report import render_summary
+    s = render_summary("paper", _study(corpus="openwebtext", val_fraction=None, val_seed=None, stop_on_divergence=False))
+    assert "0.5% held out, seed 2345" in s and "holds out 0.05%" in s and "trained on to `max_steps`" in s
+
+def test_paper_evaluation_uses_the_authors_five_seeds():
+    from quantstudy.experiments import EVALS, get_experiment
+    assert tuple(EVALS["paper"]["downstream"]["seeds"]) == (42, 1234, 1337, 2024, 1357)
+    assert tuple(get_experiment("baseline", "paper").evals["downstream"]["seeds"]) == (42, 1234, 1337, 2024, 1357)
+
+@needs_data
+def test_downstream_std_is_the_population_std():
+    pytest.importorskip("lm_eval")
+    from quantstudy.model import build_model
+    from quantstudy.evaluate import downstream
+    r = downstream(build_model("tiny", seed=0).eval(), ["arc_easy"], num_fewshot=1, seeds=(0, 1, 2), limit=6)["arc_easy"]
+    accs = [m["acc"] for m in r["per_seed"]]
+    assert r["acc_std"] == pytest.approx(float(np.std(accs))) and r["std"].startswith("population")
+    assert r["acc_std_sample"] == pytest.approx(float(np.std(accs, ddof=1)))
