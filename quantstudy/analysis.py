@@ -24,9 +24,10 @@ __all__ = ['LAYERS', 'ACTIVATIONS_FILE', 'MEMORY_CATEGORIES', 'PAPER_MEMORY', 'L
            'FIGURE_FILES', 'run_config', 'run_recipe', 'checkpoint_dir', 'load_run_model', 'eval_batches',
            'resolve_layer', 'capture_inputs', 'channel_stats', 'layer_stats', 'ActivationCallback', 'activations',
            'plot_activations', 'outliers', 'plot_outliers', 'profile_step_memory', 'memory', 'plot_memory',
-           'block_time_share', 'linear_time', 'plot_linear_time', 'm_sharpness', 'filter_normalized_direction',
-           'loss_surface', 'sharpness', 'plot_sharpness', 'with_grad_quant', 'gradient_error', 'output_gradient',
-           'gradient_histogram', 'gradients', 'plot_gradients', 'second_moment', 'plot_second_moment', 'run_analysis']
+           'linear_share', 'block_time_share', 'linear_time', 'plot_linear_time', 'm_sharpness',
+           'filter_normalized_direction', 'loss_surface', 'sharpness', 'plot_sharpness', 'with_grad_quant',
+           'gradient_error', 'output_gradient', 'gradient_histogram', 'gradients', 'plot_gradients', 'second_moment',
+           'plot_second_moment', 'run_analysis']
 
 # %% ../nbs/07_analysis.ipynb #09f890b9
 def _read_json(path) -> dict | None:
@@ -483,6 +484,14 @@ PAPER_LINEAR_TIME = dict(sizes=["small", "medium", "large", "xl"], seq_lens=(128
 
 def _block_out(out): return out[0] if isinstance(out, tuple) else out
 
+def linear_share(entries, device: str = "cpu", ops=LINEAR_OPS) -> tuple[float, float]:
+    "(linear, total) self time (us) of profiler entries (`key_averages()` or `events()`): CPU self time, or each GPU kernel once on CUDA."
+    from torch.autograd import DeviceType
+    if device == "cuda":   # a kernel's time is on its own (CUDA) entry and again on the CPU op that launched it: count the ops
+        ops_only = [e for e in entries if e.device_type == DeviceType.CPU]
+        return sum(e.self_device_time_total for e in ops_only if e.key in ops), sum(e.self_device_time_total for e in ops_only)
+    return sum(e.self_cpu_time_total for e in entries if e.key in ops), sum(e.self_cpu_time_total for e in entries)
+
 def block_time_share(config: GPT2Config, seq_len: int, batch_size: int = 1, n_layer: int = 1, repeat: int = 3,
                      device=None, seed: int = 0) -> dict:
     "Linear-layer (GEMM) time over all op time of forward + backward through `n_layer` transformer blocks of `config`."
@@ -505,9 +514,8 @@ def block_time_share(config: GPT2Config, seq_len: int, batch_size: int = 1, n_la
         with profile(activities=acts) as prof:
             step()
             if device.type == "cuda": torch.cuda.synchronize()
-        t = lambda e: e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
-        ev = prof.key_averages()
-        lin.append(sum(t(e) for e in ev if e.key in LINEAR_OPS)); tot.append(sum(t(e) for e in ev))
+        a, b = linear_share(prof.key_averages(), device.type)
+        lin.append(a); tot.append(b)
     shares = [a / b for a, b in zip(lin, tot)]
     return dict(share=statistics.median(shares), shares=shares, linear_ms=statistics.median(lin) / 1e3,
                 total_ms=statistics.median(tot) / 1e3)

@@ -292,3 +292,27 @@ def test_downstream_std_is_the_population_std():
     accs = [m["acc"] for m in r["per_seed"]]
     assert r["acc_std"] == pytest.approx(float(np.std(accs))) and r["std"].startswith("population")
     assert r["acc_std_sample"] == pytest.approx(float(np.std(accs, ddof=1)))
+
+# item 14: each GPU kernel counted once in the linear-time share; the accounting on profiles whose answer is known
+def test_linear_share_counts_each_kernel_once():
+    from types import SimpleNamespace as NS
+    from torch.autograd import DeviceType
+    from quantstudy.analysis import linear_share
+    ev = [NS(key="aten::addmm", device_type=DeviceType.CPU, self_device_time_total=60, self_cpu_time_total=3),
+          NS(key="ampere_sgemm_128x64", device_type=DeviceType.CUDA, self_device_time_total=60, self_cpu_time_total=0),
+          NS(key="aten::mul", device_type=DeviceType.CPU, self_device_time_total=20, self_cpu_time_total=2),
+          NS(key="vectorized_elementwise_kernel", device_type=DeviceType.CUDA, self_device_time_total=20, self_cpu_time_total=0)]
+    lin, tot = linear_share(ev, "cuda")
+    assert lin / tot == 0.75                                                    # summing every entry: 60 / 160, halved
+
+def test_linear_share_on_a_cpu_profile():
+    from torch.profiler import ProfilerActivity, profile
+    from quantstudy.analysis import linear_share
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(3): torch.mm(a, b)
+    lin, tot = linear_share(p.key_averages(), "cpu")
+    assert lin > 0 and lin == pytest.approx(tot, rel=0.2)                      # only GEMMs ran: nearly all of the time
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(3): torch.exp(a)
+    assert linear_share(p.key_averages(), "cpu")[0] == 0                       # no GEMM: no linear time
