@@ -25,7 +25,7 @@ except ImportError: HFLM = None
 __all__ = ['PAPER_CORPORA', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER_TASKS', 'TASKS_DIR', 'TASK_FILES', 'NO_LOCAL_DATA',
            'PAPER_SEEDS', 'windows', 'Perplexity', 'batch_dependent', 'text_source', 'perplexity', 'lambada_requests',
            'lambada', 'perplexity_suite', 'task_unavailable', 'hellaswag_preprocess', 'task_dataset', 'model_dir',
-           'register', 'downstream', 'ppl_table', 'task_table', 'ptq', 'main', 'QuantstudyLM']
+           'register', 'downstream', 'ppl_table', 'task_table', 'load_pretrained', 'ptq', 'main', 'QuantstudyLM']
 
 # %% ../nbs/06_evaluate.ipynb #74a8b8ac
 def windows(n: int, context: int, stride: int | None = None, drop_last: bool = False) -> list[tuple[int, int, int]]:
@@ -414,6 +414,18 @@ def task_table(rows: dict, metric: str = "acc", tasks=PAPER_TASKS, std: bool = F
     return "\n".join(lines)
 
 # %% ../nbs/06_evaluate.ipynb #b9eebc17
+def load_pretrained(name: str = "gpt2", data_dir=None):
+    "A released checkpoint (OpenAI's `gpt2` for Table 1): from `<data root>/models/<name>` if there, else the hub."
+    from transformers import GPT2LMHeadModel
+    root = data_root(data_dir)
+    local = root / "models" / name if root is not None else None
+    try: model = GPT2LMHeadModel.from_pretrained(str(local) if local is not None and local.is_dir() else name)
+    except OSError as e:
+        raise FileNotFoundError(f"the pretrained checkpoint {name!r} is not available offline: no {local or 'data root'} and no hub "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    model.recipe = Recipe()
+    return model.eval()
+
 def ptq(model, quant: LinearQuant | dict | str, modules="all-linear"):
     "A deep copy of the full-precision `model` with its linear layers' weights/activations fake-quantized per `quant`."
     if isinstance(quant, str): quant = LinearQuant(weight=quant)   # a weight quantizer's name, e.g. "8-channel"

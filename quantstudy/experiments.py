@@ -13,8 +13,8 @@ from .model import Recipe
 from .train import TrainConfig, preset
 
 # %% auto #0
-__all__ = ['GRID', 'PTQ', 'PPL_CORPORA', 'TASKS', 'PAPER_SEEDS', 'EVALS', 'STUDIES', 'Experiment', 'experiment_names',
-           'get_experiment', 'study_experiments']
+__all__ = ['GRID', 'PRETRAINED', 'PTQ', 'PPL_CORPORA', 'TASKS', 'PAPER_SEEDS', 'EVALS', 'STUDIES', 'Experiment',
+           'experiment_names', 'get_experiment', 'study_experiments']
 
 # %% ../nbs/08_experiments.ipynb #8027ed6f
 @dataclass(frozen=True)
@@ -29,12 +29,13 @@ class Experiment:
     tables: tuple = ()
     base: str | None = None               # PTQ: the experiment whose trained model is quantized
     ptq: LinearQuant | None = None        # PTQ: the quantization applied after training
+    pretrained: str | None = None         # evaluation only: a released checkpoint (Table 1: OpenAI's `gpt2`)
 
     def to_dict(self) -> dict:
         "The fully resolved configuration (JSON-able), as stored in results.json."
         return dict(name=self.name, recipe=self.recipe.to_dict(), train=self.train.to_dict(), evals=self.evals,
                     analyses=list(self.analyses), figures=list(self.figures), tables=list(self.tables),
-                    base=self.base, ptq=self.ptq.to_dict() if self.ptq else None)
+                    base=self.base, ptq=self.ptq.to_dict() if self.ptq else None, pretrained=self.pretrained)
 
 # %% ../nbs/08_experiments.ipynb #12a57be9
 def _lin(**kw): return Recipe(linear=LinearQuant(**kw))
@@ -68,6 +69,9 @@ GRID = {
     "w8a8g8":         (_lin(weight="8-channel", act="8-token", grad="8-token"), ("fig13",), (), ()),
 }
 
+# Table 1: OpenAI's released GPT-2 124M on the same evaluations as the baseline (the hub's `gpt2`; nothing is trained)
+PRETRAINED = {"gpt2-openai": "gpt2"}
+
 # Tables 10 and 11: post-training quantization of the trained baseline ("per-column" in the paper's tables)
 PTQ = {f"ptq-{c}{b}-{g}": (LinearQuant(**{"weight" if c == "w" else "act": f"{b}-{g}"}), "table10" if c == "w" else "table11")
        for c in "wa" for b in (4, 8) for g in ("tensor", "channel")}
@@ -85,12 +89,12 @@ EVALS = {
 
 # %% ../nbs/08_experiments.ipynb #ccf89562
 def experiment_names() -> list[str]:
-    "Every experiment name: the pre-training grid, then the PTQ rows."
-    return [*GRID, *PTQ]
+    "Every experiment name: the pre-training grid, the PTQ rows, then the released checkpoints (Table 1)."
+    return [*GRID, *PTQ, *PRETRAINED]
 
 def get_experiment(name: str, preset_name: str = "smoke", evals: dict | None = None, analyses=None, **overrides) -> Experiment:
     "The experiment `name` under the `paper` or `smoke` preset; `evals` replace the preset's by key, `overrides` `TrainConfig` fields."
-    if name not in GRID and name not in PTQ:
+    if name not in GRID and name not in PTQ and name not in PRETRAINED:
         raise ValueError(f"unknown experiment {name!r}: use one of {', '.join(experiment_names())}")
     if preset_name not in EVALS: raise ValueError(f"unknown preset {preset_name!r}: use one of {sorted(EVALS)}")
     cfg = preset(preset_name, **overrides)
@@ -98,6 +102,9 @@ def get_experiment(name: str, preset_name: str = "smoke", evals: dict | None = N
     if name in PTQ:
         ptq, table = PTQ[name]
         return Experiment(name, Recipe(), cfg, {"perplexity": ev["perplexity"]}, (), (), (table,), base="baseline", ptq=ptq)
+    if name in PRETRAINED:   # Table 1: perplexities and LAMBADA, as for the baseline
+        return Experiment(name, Recipe(), cfg, {k: ev[k] for k in ("perplexity", "lambada") if k in ev}, (), (), ("table1",),
+                          pretrained=PRETRAINED[name])
     recipe, figs, tables, own = GRID[name]
     return Experiment(name, recipe, cfg, ev, own if analyses is None else tuple(analyses), figs, tables)
 

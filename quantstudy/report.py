@@ -11,10 +11,11 @@ from matplotlib.figure import Figure
 from matplotlib import ticker
 
 # %% auto #0
-__all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER', 'TABLES', 'FIGURES', 'DPI', 'AUTHORS_DEFAULTS', 'SETTINGS',
-           'row_label', 'curve_label', 'curve_style', 'TableLayout', 'FigureLayout', 'load_results', 'run_state',
-           'val_curve', 'evaluated', 'divergence_note', 'row_values', 'table_rows', 'paper_cells', 'render_table',
-           'protocol_notes', 'plot_validation', 'plot_tasks', 'quant_label', 'render_summary', 'report', 'fake_results']
+__all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER', 'TABLES', 'FIGURES', 'DPI', 'TABLE1_COLUMNS', 'CROSS_RUN',
+           'AUTHORS_DEFAULTS', 'SETTINGS', 'row_label', 'curve_label', 'curve_style', 'TableLayout', 'FigureLayout',
+           'load_results', 'run_state', 'val_curve', 'evaluated', 'divergence_note', 'row_values', 'table_rows',
+           'paper_cells', 'render_table', 'protocol_notes', 'plot_validation', 'plot_tasks', 'render_table1',
+           'plot_analyses', 'quant_label', 'render_summary', 'report', 'fake_results']
 
 # %% ../nbs/10_report.ipynb #36afd6e4
 CITE = "Chitsaz et al. 2024"
@@ -25,7 +26,8 @@ _TASK_KEYS = {"lambada": ("lambada", "lambada_openai"), "sst2": ("sst2", "sst")}
 
 _BASE_PPL = (39.94, 34.32, 35.13, 44.03)
 _BASE_ACC = (33.31, 64.46, 49.82, 49.13, 52.06, 50.70, 46.14, 22.07, 36.17, 29.12, 43.30)
-PAPER = {  # table number -> experiment -> numbers, as printed in Chitsaz et al. 2024, Appendix C
+PAPER = {  # table number -> experiment -> numbers, as printed in Chitsaz et al. 2024, Appendix C (Table 1: A.3)
+    1: {"gpt2-openai": (33.3, 38.48, 24.67, 29.17, 35.86, 45.87), "baseline": (35.97, 34.80, 34.32, 39.94, 35.13, 44.03)},
     2: {"baseline": _BASE_PPL,
         "w4-tensor": (55.50, 46.70, 52.38, 59.14), "w4-channel": (56.43, 47.32, 38.18, 46.30),
         "w8-tensor": (48.52, 40.01, 37.02, 45.04), "w8-channel": (42.43, 35.94, 34.81, 43.47)},
@@ -408,6 +410,66 @@ def plot_tasks(layout: FigureLayout, results: dict, path, study: str = "") -> Pa
     fig.savefig(path, format="png", metadata=_PNG_META)
     return Path(path)
 
+# %% ../nbs/10_report.ipynb #ffebb03f
+TABLE1_COLUMNS = ("LAMBADA (accuracy)", "LAMBADA (ppl)", "WikiText2 (ppl)", "WikiText103 (ppl)", "PTB (ppl)", "1BW (ppl)")
+
+def _table1_values(r: dict) -> list:
+    "Table 1's numbers of a run: LAMBADA accuracy (%) and perplexity, then WT-2, WT-103, PTB, 1BW; a `str` where absent."
+    m = r.get("metrics") or {}
+    lam, ppl = m.get("lambada") or {}, m.get("perplexity") or {}
+    num = lambda v: v if isinstance(v, (int, float)) else "not evaluated"
+    return [num(100 * lam["acc"]) if isinstance(lam.get("acc"), (int, float)) else "not evaluated", num(lam.get("ppl")),
+            *(num(ppl.get(k)) for k in ("wikitext2", "wikitext103", "ptb", "lm1b"))]
+
+def render_table1(results: dict, study: str) -> tuple[str, str]:
+    "Table 1: the baseline against OpenAI's GPT-2 124M (`gpt2-openai`, the hub's `gpt2`) on the same evaluations; md and csv."
+    rows, notes = [], []
+    for name, label in (("gpt2-openai", "OpenAI GPT-2 124M (pre-trained)"), ("baseline", "Baseline")):
+        r = results.get(name)
+        if evaluated(r): cells = ["-" if isinstance(v, str) else _fmt(v) for v in _table1_values(r)]
+        elif name == "gpt2-openai":
+            cells = ["not available offline" if r is None or r.get("status") == "failed" else run_state(r)] * len(TABLE1_COLUMNS)
+            notes.append("`gpt2-openai`: OpenAI's checkpoint comes from the hub (`gpt2`) or `<data root>/models/gpt2`; "
+                         + (f"its run failed: {_reason(r)}" if r else "run `quantstudy run gpt2-openai` where either is reachable") + ".")
+        else: cells = [run_state(r)] * len(TABLE1_COLUMNS)
+        rows.append([label, *cells, name])
+    header = ["model", *TABLE1_COLUMNS, "experiment"]
+    if study == "paper":
+        paper = [[_fmt(v) for v in PAPER[1][r[-1]]] for r in rows]
+        md_rows = [[r[0], *(f"{a} / {b}" for a, b in zip(r[1:-1], p)), r[-1]] for r, p in zip(rows, paper)]
+        csv_rows, csv_header = [[*r[:-1], *p, r[-1]] for r, p in zip(rows, paper)], [*header[:-1], *(f"{c} (paper)" for c in TABLE1_COLUMNS), "experiment"]
+    else: md_rows, csv_rows, csv_header = rows, rows, header
+    notes += protocol_notes(results, "ppl")[:2]
+    md = (f"# Table 1: Comparison of the baseline and OpenAI's pre-trained GPT-2 124M\n\n"
+          f"{_study_line(study, results, 'Table 1')}\nMetric: LAMBADA accuracy in % and perplexity (`metrics.lambada`), "
+          "perplexities (`metrics.perplexity`).\n\n" + _md_table(header, md_rows, right=TABLE1_COLUMNS))
+    md += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in notes)
+    return md, _csv(csv_header, csv_rows)
+
+CROSS_RUN = {  # analysis -> (figure file, the runs drawn together, first the baseline)
+    "sharpness": ("fig05_sharpness.png", ("baseline", "w4-tensor", "w4-channel", "w8-tensor", "w8-channel")),
+    "activations": ("fig06_activations.png", ("baseline", "a4-token", "a4-channel")),
+    "outliers": ("fig08_right_outliers.png", ("baseline", "a4-channel")),
+    "gradients": ("fig10_bottom_gradients.png", ("g8-token", "g8-token-input")),
+    "second_moment": ("fig12_right_second_moment.png", ("baseline", "v8-tensor", "v8-channel")),
+}
+
+def plot_analyses(results: dict, out_dir, study: str = "") -> list[Path]:
+    "The cross-run analysis figures (Figs. 5, 6, 8 right, 10 bottom, 12 right) from the runs' `results.json` analysis data."
+    from quantstudy.analysis import ANALYSES   # torch and transformers: imported only to draw
+    import matplotlib.pyplot as plt
+    paths = []
+    for name, (file, order) in CROSS_RUN.items():
+        data = lambda n: ((results[n].get("analysis") or {}).get(name) or {}).get("data")
+        runs = {n: data(n) for n in [*order, *sorted(results)] if n in results and isinstance(data(n), dict)}
+        if not runs: continue
+        fig = ANALYSES[name][1]({curve_label(n) if n in order else n: d for n, d in runs.items()})
+        if study: fig.text(0.01, 0.002, f"study {study}: {', '.join(runs)}", fontsize=7, color="0.3")
+        fig.savefig(Path(out_dir) / file, dpi=DPI, metadata=_PNG_META, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(Path(out_dir) / file)
+    return paths
+
 # %% ../nbs/10_report.ipynb #84fbc217
 AUTHORS_DEFAULTS = {  # option -> (how to read it from config, the authors' code's value)
     "warmup steps": (lambda c: c["train"].get("warmup_steps"), 1000),
@@ -499,7 +561,7 @@ def render_summary(study: str, results: dict) -> str:
 
 # %% ../nbs/10_report.ipynb #455438bb
 def report(study: str, runs_root="papermill_runs", out_root="figures") -> list[Path]:
-    "Write the figures, Tables 2-11 (md + csv) and `summary.md` of `runs_root/study` into `out_root/study`; return the paths."
+    "Write the figures (validation curves, the cross-run analyses), Tables 1-11 (md + csv) and `summary.md` of `runs_root/study` into `out_root/study`; return the paths."
     src = Path(runs_root) / study
     if not src.is_dir(): raise FileNotFoundError(f"no results directory {src} for study {study!r}")
     results, out = load_results(src), Path(out_root) / study
@@ -508,11 +570,12 @@ def report(study: str, runs_root="papermill_runs", out_root="figures") -> list[P
     for f in FIGURES:
         paths.append(plot_validation(f, results, out / f"{f.stem}.png", study))
         if f.tasks: paths.append(plot_tasks(f, results, out / f"{f.stem}_tasks.png", study))
-    for t in TABLES:
-        md, text = render_table(t, results, study)
+    paths += plot_analyses(results, out, study)
+    for stem, (md, text) in [("table01_baseline_vs_gpt2", render_table1(results, study)),
+                             *((t.stem, render_table(t, results, study)) for t in TABLES)]:
         for ext, body in (("md", md), ("csv", text)):
-            (out / f"{t.stem}.{ext}").write_text(body, encoding="utf-8")
-            paths.append(out / f"{t.stem}.{ext}")
+            (out / f"{stem}.{ext}").write_text(body, encoding="utf-8")
+            paths.append(out / f"{stem}.{ext}")
     (out / "summary.md").write_text(render_summary(study, results), encoding="utf-8")
     return paths + [out / "summary.md"]
 

@@ -316,3 +316,45 @@ def test_linear_share_on_a_cpu_profile():
     with profile(activities=[ProfilerActivity.CPU]) as p:
         for _ in range(3): torch.exp(a)
     assert linear_share(p.key_averages(), "cpu")[0] == 0                       # no GEMM: no linear time
+
+# item 16: Table 1 (baseline against OpenAI's GPT-2) and the cross-run analysis figures
+def test_table1_has_a_not_available_offline_row():
+    from quantstudy.report import fake_results, render_table1
+    base = fake_results("baseline"); base["metrics"]["lambada"] = {"acc": 0.3597, "ppl": 34.8}
+    md, text = render_table1({"baseline": base}, "paper")
+    assert "| OpenAI GPT-2 124M (pre-trained) | not available offline / 33.30 |" in md and "quantstudy run gpt2-openai" in md
+    assert "35.97 / 35.97" in md and "34.80 / 34.80" in md                      # our LAMBADA row beside the paper's
+    gpt2 = fake_results("baseline"); gpt2["experiment"] = "gpt2-openai"; gpt2["metrics"]["lambada"] = {"acc": 0.333, "ppl": 38.5}
+    md, _ = render_table1({"baseline": base, "gpt2-openai": gpt2}, "smoke")
+    assert "| OpenAI GPT-2 124M (pre-trained) | 33.30 | 38.50 |" in md
+
+def test_gpt2_openai_is_an_evaluation_only_experiment():
+    from quantstudy.experiments import get_experiment, study_experiments
+    e = get_experiment("gpt2-openai", "paper")
+    assert e.pretrained == "gpt2" and set(e.evals) == {"perplexity", "lambada"} and "gpt2-openai" in study_experiments("paper")
+    assert "gpt2-openai" not in study_experiments("smoke")
+
+def test_load_pretrained_offline_says_so(tmp_path, monkeypatch):
+    from quantstudy.evaluate import load_pretrained
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not available offline"): load_pretrained("gpt2-nonexistent-xyz", data_dir=tmp_path)
+
+def test_report_draws_the_cross_run_figures(tmp_path):
+    from quantstudy.model import Recipe
+    from quantstudy.optim import OptimQuant
+    from quantstudy.analysis import second_moment
+    from quantstudy.report import fake_results, plot_analyses, report
+    res = {}
+    for name, recipe in (("baseline", Recipe()), ("v8-channel", Recipe(optim=OptimQuant(v="8-channel")))):
+        m, opt = _tiny_step(recipe)
+        r = fake_results(name, study="s")
+        r["analysis"] = {"second_moment": {"data": second_moment(m, optimizer=opt), "figure": "fig12_second_moment.png"}}
+        res[name] = r
+    paths = plot_analyses(res, tmp_path, "s")
+    assert [p.name for p in paths] == ["fig12_right_second_moment.png"] and paths[0].stat().st_size > 10_000
+    runs = tmp_path / "runs" / "s"
+    for name, r in res.items():
+        (runs / name).mkdir(parents=True); (runs / name / "results.json").write_text(json.dumps(r))
+    out = report("s", runs.parent, tmp_path / "figures")
+    names = {p.name for p in out}
+    assert {"fig12_right_second_moment.png", "table01_baseline_vs_gpt2.md", "table11_ptq_activations.md"} <= names

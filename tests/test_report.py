@@ -34,7 +34,7 @@ def test_files_written(smoke):
     names = [p.name for p in paths]
     assert len(names) == len(set(names)) and all(p.parent == out / "smoke" and p.exists() for p in paths)
     expected = {f"{f.stem}.png" for f in FIGURES} | {f"{f.stem}_tasks.png" for f in FIGURES if f.tasks}
-    expected |= {f"{t.stem}.{e}" for t in TABLES for e in ("md", "csv")} | {"summary.md"}
+    expected |= {f"{t.stem}.{e}" for t in TABLES for e in ("md", "csv")} | {"summary.md", "table01_baseline_vs_gpt2.md", "table01_baseline_vs_gpt2.csv"}
     assert set(names) == expected
     assert {"fig04_weights.png", "fig04_weights_tasks.png", "fig08_a4_channel.png", "fig13_combined.png",
             "table02_weights_ppl.csv", "table06_weights_tasks.md", "table10_ptq_weights.md", "table11_ptq_activations.csv"} <= expected
