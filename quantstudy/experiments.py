@@ -11,10 +11,11 @@ from .qlinear import GRAD_PLACEMENTS, LinearQuant
 from .optim import OptimQuant
 from .model import Recipe
 from .train import TrainConfig, preset
+from .analysis import PAPER_LINEAR_TIME, PAPER_MEMORY
 
 # %% auto #0
-__all__ = ['GRID', 'PRETRAINED', 'PTQ', 'PPL_CORPORA', 'TASKS', 'PAPER_SEEDS', 'EVALS', 'STUDIES', 'Experiment',
-           'experiment_names', 'get_experiment', 'study_experiments']
+__all__ = ['GRID', 'PRETRAINED', 'PTQ', 'PPL_CORPORA', 'TASKS', 'PAPER_SEEDS', 'ANALYSIS_SETTINGS', 'EVALS', 'STUDIES',
+           'Experiment', 'experiment_names', 'get_experiment', 'study_experiments']
 
 # %% ../nbs/08_experiments.ipynb #8027ed6f
 @dataclass(frozen=True)
@@ -30,12 +31,14 @@ class Experiment:
     base: str | None = None               # PTQ: the experiment whose trained model is quantized
     ptq: LinearQuant | None = None        # PTQ: the quantization applied after training
     pretrained: str | None = None         # evaluation only: a released checkpoint (Table 1: OpenAI's `gpt2`)
+    analysis_settings: dict = field(default_factory=dict)   # analysis -> keyword arguments (the paper's model sizes, lengths)
 
     def to_dict(self) -> dict:
         "The fully resolved configuration (JSON-able), as stored in results.json."
         return dict(name=self.name, recipe=self.recipe.to_dict(), train=self.train.to_dict(), evals=self.evals,
                     analyses=list(self.analyses), figures=list(self.figures), tables=list(self.tables),
-                    base=self.base, ptq=self.ptq.to_dict() if self.ptq else None, pretrained=self.pretrained)
+                    base=self.base, ptq=self.ptq.to_dict() if self.ptq else None, pretrained=self.pretrained,
+                    analysis_settings=self.analysis_settings)
 
 # %% ../nbs/08_experiments.ipynb #12a57be9
 def _lin(**kw): return Recipe(linear=LinearQuant(**kw))
@@ -80,6 +83,9 @@ PTQ = {f"ptq-{c}{b}-{g}": (LinearQuant(**{"weight" if c == "w" else "act": f"{b}
 PPL_CORPORA = ("wikitext103", "wikitext2", "ptb", "lm1b")
 TASKS = ("mnli", "mrpc", "rte", "qnli", "sst2", "wnli", "arc_easy", "arc_challenge", "lambada_openai", "hellaswag")  # lm-eval names
 PAPER_SEEDS = (42, 1234, 1337, 2024, 1357)   # the authors' evaluation seeds: each table cell is the mean of 5 runs
+# Figs. 2, 3, 14, 15 measure GPT-2 small to XL at the paper's lengths and batch sizes (seconds each on a GPU);
+# the smoke preset profiles the run's own tiny model
+ANALYSIS_SETTINGS = {"paper": dict(memory=dict(PAPER_MEMORY), linear_time=dict(PAPER_LINEAR_TIME)), "smoke": {}}
 EVALS = {
     "paper": dict(perplexity=dict(corpora=PPL_CORPORA, max_tokens=None), lambada=dict(limit=None),
                   downstream=dict(tasks=TASKS, num_fewshot=5, seeds=PAPER_SEEDS, limit=None)),
@@ -106,7 +112,9 @@ def get_experiment(name: str, preset_name: str = "smoke", evals: dict | None = N
         return Experiment(name, Recipe(), cfg, {k: ev[k] for k in ("perplexity", "lambada") if k in ev}, (), (), ("table1",),
                           pretrained=PRETRAINED[name])
     recipe, figs, tables, own = GRID[name]
-    return Experiment(name, recipe, cfg, ev, own if analyses is None else tuple(analyses), figs, tables)
+    own = own if analyses is None else tuple(analyses)
+    settings = {a: kw for a, kw in ANALYSIS_SETTINGS[preset_name].items() if a in own}
+    return Experiment(name, recipe, cfg, ev, own, figs, tables, analysis_settings=settings)
 
 # %% ../nbs/08_experiments.ipynb #0c1c1710
 STUDIES = {

@@ -358,3 +358,16 @@ def test_report_draws_the_cross_run_figures(tmp_path):
     out = report("s", runs.parent, tmp_path / "figures")
     names = {p.name for p in out}
     assert {"fig12_right_second_moment.png", "table01_baseline_vs_gpt2.md", "table11_ptq_activations.md"} <= names
+
+# item 15: the paper study measures memory and linear time at GPT-2 small to XL, context 1024, the paper's batches
+def test_paper_analyses_run_at_the_papers_settings():
+    from quantstudy.experiments import get_experiment
+    s = get_experiment("baseline", "paper").analysis_settings
+    assert s["memory"]["models"] == ["small", "medium", "large"] and s["memory"]["seq_len"] == 1024
+    assert tuple(s["memory"]["batch_sizes"]) == (1, 2, 4, 8, 16) and s["memory"]["batch_size"] == 4
+    assert s["linear_time"]["sizes"] == ["small", "medium", "large", "xl"] and 1024 in s["linear_time"]["seq_lens"]
+    assert get_experiment("baseline", "smoke").analysis_settings == {}
+    assert get_experiment("w4-tensor", "paper").analysis_settings == {}          # only the analyses a run has
+    json.dumps(get_experiment("baseline", "paper").to_dict())
+    template = (Path(__file__).resolve().parents[1] / "nbs" / "templates" / "experiment.ipynb").read_text()
+    assert "exp.analysis_settings.get(name, {})" in template                    # the template passes them on
