@@ -18,6 +18,7 @@ from .model import RECIPE_FILE, Recipe, eval_mode, gpt2_config, load_model, mode
 from .optim import QAdamW
 from .data import load_tokenizer, tokenize_corpus
 from .train import TrainConfig, checkpoints, make_optimizer, preset, write_json
+from .train import snapshots as run_snapshots
 
 # %% auto #0
 __all__ = ['LAYERS', 'ACTIVATIONS_FILE', 'MEMORY_CATEGORIES', 'PAPER_MEMORY', 'LINEAR_OPS', 'PAPER_LINEAR_TIME', 'ANALYSES',
@@ -57,9 +58,10 @@ def run_recipe(run_dir) -> Recipe:
         if d is not None and "recipe" in d: return Recipe.parse(d["recipe"])
     return run_recipe(run_dir.parent) if _inside_run(run_dir) else Recipe()
 
-def checkpoint_dir(run_dir, checkpoint: int | str = "last") -> Path:
-    "The directory of checkpoint `checkpoint` (a step, `first` or `last`) of a run."
+def checkpoint_dir(run_dir, checkpoint: int | str = "last", snapshots: bool = False) -> Path:
+    "The directory of checkpoint `checkpoint` (a step, `first` or `last`) of a run; with `snapshots`, its weight snapshots count too."
     found = checkpoints(run_dir)
+    if snapshots: found = dict(sorted({**run_snapshots(run_dir), **found}.items()))   # a checkpoint wins at the same step
     if not found: raise FileNotFoundError(f"{run_dir} has no complete checkpoint-N directory")
     if checkpoint in ("first", "last"): return found[min(found) if checkpoint == "first" else max(found)]
     if checkpoint not in found: raise ValueError(f"checkpoint={checkpoint!r} is not among the steps {sorted(found)} of {run_dir}")
@@ -70,7 +72,7 @@ def load_run_model(path, checkpoint: int | str | None = None) -> GPT2LMHeadModel
     "The model of a run directory: its final `model/` (`checkpoint=None`) or a checkpoint; also a model or checkpoint directory."
     path = Path(path)
     if checkpoint is None and (path / "model" / "config.json").is_file(): return load_model(path / "model")
-    if checkpoint is not None: return load_model(checkpoint_dir(path, checkpoint), recipe=run_recipe(path))
+    if checkpoint is not None: return load_model(checkpoint_dir(path, checkpoint, snapshots=True), recipe=run_recipe(path))
     if (path / "config.json").is_file(): return load_model(path, recipe=run_recipe(path))   # a model/ or checkpoint-N/ directory
     raise FileNotFoundError(f"{path} holds no model: expected a run directory (with model/ or checkpoint-N/) or a model directory")
 
@@ -255,7 +257,7 @@ def activations(target, *, layer: str = "middle-attn-proj", batch=None, n_tokens
     saved = _read_json(run_dir / ACTIVATIONS_FILE)
     if recorded and saved and saved.get("alias") == layer and saved.get("snapshots"): return saved
     batch = batch if batch is not None else eval_batches(run_dir, 1, 4)[0]
-    models = {step: (run_dir, step) for step in checkpoints(run_dir)}
+    models = {step: (run_dir, step) for step in {**run_snapshots(run_dir), **checkpoints(run_dir)}}   # the snapshots: steps checkpoints rotated away
     final = (_read_json(run_dir / "train_result.json") or {}).get("step")   # None while the run is still training
     if (run_dir / "model").is_dir() and final not in models and (final is not None or not models): models[final] = (run_dir, None)
     if not models: raise FileNotFoundError(f"{run_dir} has neither checkpoints nor a final model")

@@ -14,8 +14,8 @@ from .train import TrainConfig, preset
 from .analysis import PAPER_LINEAR_TIME, PAPER_MEMORY
 
 # %% auto #0
-__all__ = ['GRID', 'PRETRAINED', 'PTQ', 'PPL_CORPORA', 'TASKS', 'PAPER_SEEDS', 'ANALYSIS_SETTINGS', 'EVALS', 'STUDIES',
-           'Experiment', 'experiment_names', 'get_experiment', 'study_experiments']
+__all__ = ['GRID', 'PRETRAINED', 'PTQ', 'PPL_CORPORA', 'TASKS', 'PAPER_SEEDS', 'ANALYSIS_SETTINGS', 'SNAPSHOT_EVERY', 'EVALS',
+           'STUDIES', 'Experiment', 'experiment_names', 'get_experiment', 'study_experiments']
 
 # %% ../nbs/08_experiments.ipynb #8027ed6f
 @dataclass(frozen=True)
@@ -85,7 +85,10 @@ TASKS = ("mnli", "mrpc", "rte", "qnli", "sst2", "wnli", "arc_easy", "arc_challen
 PAPER_SEEDS = (42, 1234, 1337, 2024, 1357)   # the authors' evaluation seeds: each table cell is the mean of 5 runs
 # Figs. 2, 3, 14, 15 measure GPT-2 small to XL at the paper's lengths and batch sizes (seconds each on a GPU);
 # the smoke preset profiles the run's own tiny model
-ANALYSIS_SETTINGS = {"paper": dict(memory=dict(PAPER_MEMORY), linear_time=dict(PAPER_LINEAR_TIME)), "smoke": {}}
+# Fig. 10 looks at the gradients "early on in training": the first snapshot or checkpoint
+ANALYSIS_SETTINGS = {"paper": dict(memory=dict(PAPER_MEMORY), linear_time=dict(PAPER_LINEAR_TIME), gradients=dict(checkpoint="first")),
+                     "smoke": dict(gradients=dict(checkpoint="first"))}
+SNAPSHOT_EVERY = {"paper": 15_000, "smoke": 100}   # the authors kept a checkpoint every 15k steps; for Figs. 6 and 10
 EVALS = {
     "paper": dict(perplexity=dict(corpora=PPL_CORPORA, max_tokens=None), lambada=dict(limit=None),
                   downstream=dict(tasks=TASKS, num_fewshot=5, seeds=PAPER_SEEDS, limit=None)),
@@ -114,6 +117,8 @@ def get_experiment(name: str, preset_name: str = "smoke", evals: dict | None = N
     recipe, figs, tables, own = GRID[name]
     own = own if analyses is None else tuple(analyses)
     settings = {a: kw for a, kw in ANALYSIS_SETTINGS[preset_name].items() if a in own}
+    if {"activations", "gradients"} & set(own) and "snapshot_every" not in overrides:   # runs analysed across training
+        cfg = cfg.replace(snapshot_every=SNAPSHOT_EVERY[preset_name])
     return Experiment(name, recipe, cfg, ev, own, figs, tables, analysis_settings=settings)
 
 # %% ../nbs/08_experiments.ipynb #0c1c1710

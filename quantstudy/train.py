@@ -18,10 +18,10 @@ from .optim import OptimQuant, QAdamW
 from .data import BlockDataset, load_tokenizer, tokenize_corpus
 
 # %% auto #0
-__all__ = ['PRESETS', 'TrainConfig', 'preset', 'use_bf16', 'tune_cpu_allocator', 'DivergenceCallback', 'write_json',
-           'curves_from_history', 'CurvesCallback', 'checkpoints', 'last_checkpoint', 'finite_weights',
-           'last_finite_checkpoint', 'make_optimizer', 'training_args', 'datasets_for', 'train', 'write_run_config',
-           'main']
+__all__ = ['PRESETS', 'SNAPSHOTS', 'TrainConfig', 'preset', 'use_bf16', 'tune_cpu_allocator', 'DivergenceCallback', 'write_json',
+           'curves_from_history', 'CurvesCallback', 'checkpoints', 'last_checkpoint', 'SnapshotCallback', 'snapshots',
+           'finite_weights', 'last_finite_checkpoint', 'make_optimizer', 'training_args', 'datasets_for', 'train',
+           'write_run_config', 'main']
 
 # %% ../nbs/05_train.ipynb #6e31e836
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class TrainConfig:
     stop_on_divergence: bool = True         # False (the paper): record a divergence and train on to max_steps
     val_fraction: float | None = None       # held-out corpora (OpenWebText): the validation fraction; None: the corpus's 0.5%
     val_seed: int | None = None             # ... and the seed of that split; None: the authors' 2345
+    snapshot_every: int | None = None       # keep the weights every this many steps in snapshots/ (the analyses of Figs. 6, 10)
 
     def __post_init__(self):
         for k in ("block_size", "batch_size", "micro_batch_size", "max_steps", "eval_every", "log_every", "save_every"):
@@ -181,6 +182,32 @@ def last_checkpoint(out_dir) -> Path | None:
     done = checkpoints(out_dir)
     return done[max(done)] if done else None
 
+SNAPSHOTS = "snapshots"   # run_dir/snapshots/step-N: the weights (and config) of sparse steps, kept for the analyses
+
+class SnapshotCallback(TrainerCallback):
+    "Copy the weights of each checkpoint at a multiple of `every` steps into `snapshots/step-N` (checkpoints rotate; these stay)."
+    def __init__(self, out_dir, every: int):
+        if not isinstance(every, int) or every < 1: raise ValueError(f"snapshot_every={every!r} must be a positive int")
+        self.dir, self.every = Path(out_dir) / SNAPSHOTS, every
+
+    def on_save(self, args, state, control, **kw):
+        step = state.global_step
+        ck = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if step % self.every or not state.is_world_process_zero or not ck.is_dir(): return
+        dst = self.dir / f"step-{step}"
+        if dst.is_dir(): return
+        tmp = self.dir / f".step-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+        for f in ck.iterdir():
+            if f.suffix in (".safetensors", ".json") and f.name.startswith(("model", "config", "generation")): shutil.copy2(f, tmp / f.name)
+        os.replace(tmp, dst)   # a snapshot is complete or absent
+
+def snapshots(out_dir) -> dict[int, Path]:
+    "The analysis snapshots of a run (`snapshots/step-N` with weights), by step."
+    d = Path(out_dir) / SNAPSHOTS
+    found = [p for p in d.glob("step-*") if (p / "config.json").is_file()] if d.is_dir() else []
+    return dict(sorted((int(p.name.split("-", 1)[1]), p) for p in found))
+
 def finite_weights(ckpt) -> bool:
     "True if every tensor of the checkpoint directory `ckpt` (its safetensors files) is finite."
     from safetensors.torch import load_file
@@ -264,7 +291,8 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
     ckpt = last_checkpoint(out_dir) if resume else None
     trainer = Trainer(model=model, args=training_args(cfg, out_dir, eval_on_start=ckpt is None), train_dataset=train_ds,
                       eval_dataset=val_ds, optimizers=(opt, sched),
-                      callbacks=[diverge, CurvesCallback(out_dir / "curves.json"), *callbacks])
+                      callbacks=[diverge, CurvesCallback(out_dir / "curves.json"),
+                                 *([SnapshotCallback(out_dir, cfg.snapshot_every)] if cfg.snapshot_every else []), *callbacks])
     t0 = time.time()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if trainer.state.global_step % cfg.eval_every and not diverge.stopped:

@@ -371,3 +371,24 @@ def test_paper_analyses_run_at_the_papers_settings():
     json.dumps(get_experiment("baseline", "paper").to_dict())
     template = (Path(__file__).resolve().parents[1] / "nbs" / "templates" / "experiment.ipynb").read_text()
     assert "exp.analysis_settings.get(name, {})" in template                    # the template passes them on
+
+# item 12: sparse analysis snapshots at a cadence, analysed across training; Fig. 10 early on
+@needs_data
+def test_snapshots_outlive_checkpoint_rotation_and_are_analysed(tmp_path):
+    from quantstudy.train import checkpoints, preset, snapshots, train
+    from quantstudy.analysis import activations, gradients
+    run = tmp_path / "run"
+    train(preset("smoke", **TINY, snapshot_every=4), run)                      # saves at 4, 8, 12; keeps the last 2
+    assert sorted(checkpoints(run)) == [8, 12] and sorted(snapshots(run)) == [4, 8, 12]
+    acts = activations(run, recorded=False)
+    assert [s["step"] for s in acts["snapshots"]][:3] == [4, 8, 12]            # Fig. 6 across training, not the last steps only
+    early = gradients(run, checkpoint="first", batch_size=2, specs=("8-token",))
+    late = gradients(run, batch_size=2, specs=("8-token",))
+    assert early["errors"] != late["errors"]                                   # the step-4 model, not the final one
+
+def test_runs_analysed_across_training_keep_snapshots():
+    from quantstudy.experiments import get_experiment
+    assert get_experiment("baseline", "paper").train.snapshot_every == 15_000
+    assert get_experiment("g8-token", "smoke").train.snapshot_every == 100
+    assert get_experiment("g8-token", "smoke").analysis_settings["gradients"] == {"checkpoint": "first"}
+    assert get_experiment("w4-tensor", "smoke").train.snapshot_every is None
