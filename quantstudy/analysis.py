@@ -18,15 +18,17 @@ from .model import RECIPE_FILE, Recipe, eval_mode, gpt2_config, load_model, mode
 from .optim import QAdamW
 from .data import load_tokenizer, tokenize_corpus
 from .train import TrainConfig, checkpoints, make_optimizer, preset, write_json
+from .train import snapshots as run_snapshots
 
 # %% auto #0
 __all__ = ['LAYERS', 'ACTIVATIONS_FILE', 'MEMORY_CATEGORIES', 'PAPER_MEMORY', 'LINEAR_OPS', 'PAPER_LINEAR_TIME', 'ANALYSES',
            'FIGURE_FILES', 'run_config', 'run_recipe', 'checkpoint_dir', 'load_run_model', 'eval_batches',
            'resolve_layer', 'capture_inputs', 'channel_stats', 'layer_stats', 'ActivationCallback', 'activations',
            'plot_activations', 'outliers', 'plot_outliers', 'profile_step_memory', 'memory', 'plot_memory',
-           'block_time_share', 'linear_time', 'plot_linear_time', 'm_sharpness', 'filter_normalized_direction',
-           'loss_surface', 'sharpness', 'plot_sharpness', 'with_grad_quant', 'gradient_error', 'output_gradient',
-           'gradient_histogram', 'gradients', 'plot_gradients', 'second_moment', 'plot_second_moment', 'run_analysis']
+           'linear_share', 'block_time_share', 'linear_time', 'plot_linear_time', 'm_sharpness',
+           'filter_normalized_direction', 'loss_surface', 'sharpness', 'plot_sharpness', 'with_grad_quant',
+           'gradient_error', 'output_gradient', 'gradient_histogram', 'gradients', 'plot_gradients', 'second_moment',
+           'plot_second_moment', 'run_analysis']
 
 # %% ../nbs/07_analysis.ipynb #09f890b9
 def _read_json(path) -> dict | None:
@@ -56,9 +58,10 @@ def run_recipe(run_dir) -> Recipe:
         if d is not None and "recipe" in d: return Recipe.parse(d["recipe"])
     return run_recipe(run_dir.parent) if _inside_run(run_dir) else Recipe()
 
-def checkpoint_dir(run_dir, checkpoint: int | str = "last") -> Path:
-    "The directory of checkpoint `checkpoint` (a step, `first` or `last`) of a run."
+def checkpoint_dir(run_dir, checkpoint: int | str = "last", snapshots: bool = False) -> Path:
+    "The directory of checkpoint `checkpoint` (a step, `first` or `last`) of a run; with `snapshots`, its weight snapshots count too."
     found = checkpoints(run_dir)
+    if snapshots: found = dict(sorted({**run_snapshots(run_dir), **found}.items()))   # a checkpoint wins at the same step
     if not found: raise FileNotFoundError(f"{run_dir} has no complete checkpoint-N directory")
     if checkpoint in ("first", "last"): return found[min(found) if checkpoint == "first" else max(found)]
     if checkpoint not in found: raise ValueError(f"checkpoint={checkpoint!r} is not among the steps {sorted(found)} of {run_dir}")
@@ -69,7 +72,7 @@ def load_run_model(path, checkpoint: int | str | None = None) -> GPT2LMHeadModel
     "The model of a run directory: its final `model/` (`checkpoint=None`) or a checkpoint; also a model or checkpoint directory."
     path = Path(path)
     if checkpoint is None and (path / "model" / "config.json").is_file(): return load_model(path / "model")
-    if checkpoint is not None: return load_model(checkpoint_dir(path, checkpoint), recipe=run_recipe(path))
+    if checkpoint is not None: return load_model(checkpoint_dir(path, checkpoint, snapshots=True), recipe=run_recipe(path))
     if (path / "config.json").is_file(): return load_model(path, recipe=run_recipe(path))   # a model/ or checkpoint-N/ directory
     raise FileNotFoundError(f"{path} holds no model: expected a run directory (with model/ or checkpoint-N/) or a model directory")
 
@@ -254,7 +257,7 @@ def activations(target, *, layer: str = "middle-attn-proj", batch=None, n_tokens
     saved = _read_json(run_dir / ACTIVATIONS_FILE)
     if recorded and saved and saved.get("alias") == layer and saved.get("snapshots"): return saved
     batch = batch if batch is not None else eval_batches(run_dir, 1, 4)[0]
-    models = {step: (run_dir, step) for step in checkpoints(run_dir)}
+    models = {step: (run_dir, step) for step in {**run_snapshots(run_dir), **checkpoints(run_dir)}}   # the snapshots: steps checkpoints rotated away
     final = (_read_json(run_dir / "train_result.json") or {}).get("step")   # None while the run is still training
     if (run_dir / "model").is_dir() and final not in models and (final is not None or not models): models[final] = (run_dir, None)
     if not models: raise FileNotFoundError(f"{run_dir} has neither checkpoints nor a final model")
@@ -483,16 +486,13 @@ PAPER_LINEAR_TIME = dict(sizes=["small", "medium", "large", "xl"], seq_lens=(128
 
 def _block_out(out): return out[0] if isinstance(out, tuple) else out
 
-def _self_time(e, device) -> float:
-    "Self time of a profiler event: device time on CUDA (of the kernels an op launched itself), CPU time on a CPU."
-    return e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
-
-def _is_kernel(e) -> bool:
-    "A device-side event (kernel, memcpy, memset), not a user annotation."
-    # on CUDA a kernel's time shows twice, on its own event and as the self time of the op that launched it,
-    # so the total sums the device-side events alone: each kernel counted once
+def linear_share(entries, device: str = "cpu", ops=LINEAR_OPS) -> tuple[float, float]:
+    "(linear, total) self time (us) of profiler entries (`key_averages()` or `events()`): CPU self time, or each GPU kernel once on CUDA."
     from torch.autograd import DeviceType
-    return e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+    if device == "cuda":   # a kernel's time is on its own (CUDA) entry and again on the CPU op that launched it: count the ops
+        ops_only = [e for e in entries if e.device_type == DeviceType.CPU]
+        return sum(e.self_device_time_total for e in ops_only if e.key in ops), sum(e.self_device_time_total for e in ops_only)
+    return sum(e.self_cpu_time_total for e in entries if e.key in ops), sum(e.self_cpu_time_total for e in entries)
 
 def block_time_share(config: GPT2Config, seq_len: int, batch_size: int = 1, n_layer: int = 1, repeat: int = 3,
                      device=None, seed: int = 0) -> dict:
@@ -516,9 +516,8 @@ def block_time_share(config: GPT2Config, seq_len: int, batch_size: int = 1, n_la
         with profile(activities=acts) as prof:
             step()
             if device.type == "cuda": torch.cuda.synchronize()
-        ev = prof.key_averages()
-        lin.append(sum(_self_time(e, device) for e in ev if e.key in LINEAR_OPS))
-        tot.append(sum(_self_time(e, device) for e in ev if device.type == "cpu" or _is_kernel(e)))
+        a, b = linear_share(prof.key_averages(), device.type)
+        lin.append(a); tot.append(b)
     shares = [a / b for a, b in zip(lin, tot)]
     return dict(share=statistics.median(shares), shares=shares, linear_ms=statistics.median(lin) / 1e3,
                 total_ms=statistics.median(tot) / 1e3)
@@ -656,14 +655,15 @@ def plot_sharpness(data):
     return fig
 
 # %% ../nbs/07_analysis.ipynb #b10de829
-def with_grad_quant(model, spec, grad_input: bool = False, modules="all-linear") -> nn.Module:
-    "A copy of `model` whose linear layers (`modules`) keep their weight/act quantizers and quantize the output gradient with `spec`."
+def with_grad_quant(model, spec, grad_input: bool = False, modules="all-linear", grad_weight: bool = True) -> nn.Module:
+    "A copy of `model` whose linear layers (`modules`) keep their weight/act quantizers and quantize the output gradient with `spec` (in the weight and/or input product)."
     spec = QuantSpec.parse(spec)
     m = copy.deepcopy(model)
     chosen = set(select_modules(m, modules))
     for name, mod in linear_modules(m).items():
         base = mod.quant if isinstance(mod, QuantLinear) else LinearQuant()
-        q = dataclasses.replace(base, grad=spec if name in chosen else None, grad_input=grad_input and spec is not None and name in chosen)
+        on = spec is not None and name in chosen
+        q = dataclasses.replace(base, grad=spec if on else None, grad_input=grad_input and on, grad_weight=grad_weight or not on)
         if isinstance(mod, QuantLinear): mod.quant = q
         elif not q.is_noop:
             parent, _, child = name.rpartition(".")
@@ -693,15 +693,15 @@ def _distance(g, ref, n_layer) -> dict:
     return dict(l2=l2, relative=l2 / norm, per_block=[math.sqrt(v) for v in block])
 
 def gradient_error(model, batches, specs=("8-token",), modules=None) -> dict:
-    "Per spec: L2 distance to full precision of the parameter gradients with quantized weight gradients only, and also activation gradients."
+    "Per spec: L2 distance to full precision of the parameter gradients with Q(G) in the weight gradient only, also in the input gradient, and in the input gradient only (the authors' Fig. 10 switch)."
     modules = modules or getattr(getattr(model, "recipe", None), "modules", None) or "all-linear"
     specs = [QuantSpec.parse(s) for s in ([specs] if isinstance(specs, (str, QuantSpec)) else specs)]
     refs = [_grads(with_grad_quant(model, None), x) for x in batches]
     out = {}
     for spec in specs:
         out[spec.name] = {}
-        for key, grad_input in (("weight_only", False), ("with_input", True)):
-            m, ds = with_grad_quant(model, spec, grad_input, modules), []
+        for key, (grad_weight, grad_input) in (("weight_only", (True, False)), ("with_input", (True, True)), ("input_only", (False, True))):
+            m, ds = with_grad_quant(model, spec, grad_input, modules, grad_weight), []
             for x, (loss, ref) in zip(batches, refs):
                 lq, g = _grads(m, x)
                 assert abs(lq - loss) < 1e-4 * max(1.0, abs(loss)), "the forward must not change"
@@ -730,7 +730,7 @@ def gradient_histogram(g: torch.Tensor, spec="8-token", bins: int = 80, rel: flo
     nz = a[a > 0]
     lg = torch.log10(nz)
     lo, hi = lg.min().item(), lg.max().item()
-    scale, _ = qparams(g, spec.bits, spec.axis("grad"), spec.symmetric)
+    scale, _ = qparams(g, spec.bits, spec.axis("grad"), spec.symmetric, spec.min_range("grad"))
     return dict(numel=g.numel(), absmax=a.max().item(), exact_zero_fraction=(a == 0).float().mean().item(),
                 rel=rel, near_zero_fraction=(a < rel * a.max()).float().mean().item(),
                 quant_spec=spec.name, quantized_zero_fraction=(spec(g, "grad") == 0).float().mean().item(),
@@ -753,10 +753,12 @@ def plot_gradients(data):
     fig, axes = _subplots(len(runs), 3, w=4.2, h=3.3)
     for row, (label, d) in zip(axes, runs.items()):
         specs = list(d["errors"])
-        x, w = np.arange(len(specs)), 0.38
-        for k, (key, name) in enumerate((("weight_only", "weight gradients"), ("with_input", "+ activation gradients"))):
-            row[0].bar(x + (k - 0.5) * w, [d["errors"][s][key]["relative"] for s in specs], w, label=name)
-            for s in specs: row[1].plot(np.arange(d["n_layer"]), d["errors"][s][key]["per_block"], "o-" if k else "s--", label=f"{s}: {name}")
+        kinds = [(k, n) for k, n in (("weight_only", "weight gradients"), ("with_input", "+ activation gradients"),
+                                     ("input_only", "activation gradients only")) if k in d["errors"][specs[0]]]
+        x, w = np.arange(len(specs)), 0.8 / len(kinds)
+        for k, (key, name) in enumerate(kinds):
+            row[0].bar(x + (k - (len(kinds) - 1) / 2) * w, [d["errors"][s][key]["relative"] for s in specs], w, label=name)
+            for s in specs: row[1].plot(np.arange(d["n_layer"]), d["errors"][s][key]["per_block"], ("s--", "o-", "^:")[k], label=f"{s}: {name}")
         row[0].set(xticks=x, xticklabels=specs, yscale="log", ylabel="relative L2 distance to fp", title=f"{label} gradient error".strip())
         row[0].legend(fontsize=7)
         row[1].set(yscale="log", xlabel="transformer block", ylabel="L2 distance of the block's gradients", title="per block")
@@ -772,14 +774,16 @@ def plot_gradients(data):
     return fig
 
 # %% ../nbs/07_analysis.ipynb #4f902f20
-def _v_codes(opt, p, spec: QuantSpec):
+def _v_codes(opt, p, spec: QuantSpec, channel_dim: int = 0):
     "(codes as stored or as `spec` would store them, stored quantized?, fraction of exact zeros of v, bits)."
     st = opt.state[p]
     if "exp_avg_sq_codes" in st:
         codes = opt.moment_codes(p, "exp_avg_sq")
         return codes, True, (codes == 0).float().mean().item(), st["exp_avg_sq_bits"]
     v = opt.moment(p, "exp_avg_sq")
-    return quantize(v, spec.bits, spec.axis("moment"), spec.symmetric)[0], False, (v == 0).float().mean().item(), spec.bits
+    # the optimizer's own axis: a per-channel scale runs along `channel_dim` (1 for HF Conv1D's [in, out] weights)
+    axis = channel_dim if spec.granularity == "channel" else spec.axis("moment")
+    return quantize(v, spec.bits, axis, spec.symmetric, spec.min_range("moment"))[0], False, (v == 0).float().mean().item(), spec.bits
 
 def _v_spec(opt) -> str | None:
     "The name of the second-moment quantizer of `opt`'s first param group."
@@ -807,23 +811,29 @@ def second_moment(target=None, *, optimizer: QAdamW | None = None, checkpoint="l
     linear = {id(m.weight) for m in linear_modules(model).values()} - embeddings if model is not None else set()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.dim() == 2 and optimizer.state.get(p)]
     if not params: raise ValueError("the optimizer has no state for any 2-D parameter yet: take a step first")
-    counts, per_param, layouts, tally = 0, {}, set(), dict(all=[0, 0, 0.0], linear=[0, 0, 0.0])
+    channel_dims = {id(p): g.get("channel_dim", 0) for g in optimizer.param_groups for p in g["params"]}
+    run_spec = _v_spec(optimizer)
+    if run_spec is not None and any("exp_avg_sq_codes" in optimizer.state[p] for p in params):
+        spec = QuantSpec.parse(run_spec)   # a v-quantized run: its fp32 moments (the embeddings) read as its own codes would
+    counts, per_param, layouts, tally, stored_any = 0, {}, set(), dict(all=[0, 0, 0.0], linear=[0, 0, 0.0]), False
     for i, p in enumerate(params):
-        codes, stored, exact, bits = _v_codes(optimizer, p, spec)
+        codes, stored, exact, bits = _v_codes(optimizer, p, spec, channel_dims.get(id(p), 0))
         lo, hi = qrange(bits)
         counts = counts + torch.bincount((codes.flatten().long() - lo).cpu(), minlength=hi - lo + 1)
         zeros = (codes == 0).sum().item()
         for kind in ("all", "linear") if id(p) in linear else ("all",):
             t = tally[kind]; t[0] += zeros; t[1] += p.numel(); t[2] += exact * p.numel()
-        layouts.add((stored, bits))
-        per_param[names.get(id(p), f"param{i}")] = dict(shape=list(p.shape), zero_fraction=zeros / p.numel(), exact_zero_fraction=exact)
+        layouts.add(bits)
+        stored_any = stored_any or stored
+        per_param[names.get(id(p), f"param{i}")] = dict(shape=list(p.shape), zero_fraction=zeros / p.numel(),
+                                                        exact_zero_fraction=exact, stored="quantized" if stored else "fp32")
         if step is None: step = int(optimizer.state[p]["step"].item())
-    if len(layouts) > 1: raise ValueError(f"second moments stored with mixed layouts {sorted(layouts)}: analyse one recipe at a time")
-    (stored, bits), = layouts
+    if len(layouts) > 1: raise ValueError(f"second moments stored with mixed bit widths {sorted(layouts)}: analyse one recipe at a time")
+    (bits,), stored = layouts, stored_any
     frac = lambda k, j: tally[k][j] / tally[k][1] if tally[k][1] else None
     return _jsonable(dict(analysis="second_moment", figure=12, stored="quantized" if stored else "fp32", step=step,
                           spec=_v_spec(optimizer) if stored else spec.name, bits=bits, numel=tally["all"][1],
-                          zero_fraction=frac("all", 0 if stored else 2), quantized_zero_fraction=frac("all", 0),
+                          zero_fraction=frac("all", 2), quantized_zero_fraction=frac("all", 0),
                           linear_zero_fraction=frac("linear", 0), codes=list(range(qrange(bits)[0], qrange(bits)[1] + 1)),
                           counts=counts, per_param=per_param))
 

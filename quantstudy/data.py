@@ -12,9 +12,10 @@ import numpy as np, torch
 from transformers import GPT2TokenizerFast
 
 # %% auto #0
-__all__ = ['DATA_ENV', 'CACHE_ENV', 'HOW_TO', 'GPT2_VOCAB', 'SPLITS', 'ALIASES', 'DOCS', 'OWT_SEED', 'CORPORA', 'FORMAT',
-           'data_root', 'require_data_root', 'load_tokenizer', 'tokenizer_hash', 'Corpus', 'heldout_split',
-           'check_corpus', 'load_corpus', 'token_cache_dir', 'cache_problem', 'tokenize_corpus', 'BlockDataset']
+__all__ = ['DATA_ENV', 'CACHE_ENV', 'HOW_TO', 'GPT2_VOCAB', 'SPLITS', 'ALIASES', 'DOCS', 'OWT_SEED', 'OWT_HELDOUT', 'OWT_SAMPLE',
+           'OWT_LOCAL', 'CORPORA', 'FORMAT', 'data_root', 'require_data_root', 'load_tokenizer', 'tokenizer_hash',
+           'Corpus', 'hub_rows', 'heldout_split', 'check_corpus', 'load_corpus', 'token_cache_dir', 'cache_problem',
+           'tokenize_corpus', 'BlockDataset']
 
 # %% ../nbs/04_data.ipynb #29713089
 DATA_ENV, CACHE_ENV = "QUANTSTUDY_DATA", "QUANTSTUDY_CACHE"
@@ -63,8 +64,9 @@ def tokenizer_hash(tokenizer) -> str:
 SPLITS = ("train", "validation", "test")
 ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
            "dev": "validation", "test": "test"}
-DOCS = ("lines", "paragraphs", "jsonl")
-OWT_SEED = 2357   # nanoGPT's seed for the OpenWebText held-out split
+DOCS = ("lines", "paragraphs", "jsonl", "json")   # json: JSON lines read by `datasets` (memory-mapped: the full OpenWebText)
+OWT_SEED = 2345   # the authors' seed for the OpenWebText held-out split (nanoGPT uses 2357)
+OWT_HELDOUT = 0.005   # the paper's 0.5% (A.2); the authors' code holds out 0.0005
 
 @dataclass(frozen=True)
 class Corpus:
@@ -73,7 +75,7 @@ class Corpus:
     hub: tuple | None                 # `datasets.load_dataset(*hub)`; None: local only
     hub_splits: tuple = ()            # the splits the hub has
     files: dict = field(default_factory=dict)   # split -> candidate paths under the data root, first found wins
-    docs: str = "lines"               # how a local text file becomes documents: lines | paragraphs | jsonl
+    docs: str = "lines"               # how a local text file becomes documents: lines | paragraphs | jsonl | json
     column: str = "text"              # the hub's text column
     heldout: float = 0.0              # > 0: train and validation are this random split of the source's train
     cut: tuple | None = None          # (a, b): one text cut by characters, train [0, a), validation [a, b), test [b, 1)
@@ -109,18 +111,36 @@ def _one_text(ds):
     import datasets
     return datasets.Dataset.from_dict({"text": _paragraphs("".join(ds["text"]))})
 
+_WIKI_FIX, _WIKI_ROW = _fix_rows(lambda t: t or " \n"), lambda d: d if d.strip() else ""
 _HUB_FIX = {   # hub rows -> the documents of the local files
-    "wikitext2": _fix_rows(lambda t: t or " \n"), "wikitext103": _fix_rows(lambda t: t or " \n"),
+    "wikitext2": _WIKI_FIX, "wikitext103": _WIKI_FIX, "wikitext2-raw": _WIKI_FIX, "wikitext103-raw": _WIKI_FIX,
     "ptb": _fix_rows(lambda t: f" {t} \n"), "lm1b": _fix_rows(lambda t: t + "\n"),
     "tinyshakespeare": _one_text}
+_HUB_ROW = {   # a document (as in the local files) -> the hub's row: the inverse of `_HUB_FIX`
+    "wikitext2": _WIKI_ROW, "wikitext103": _WIKI_ROW, "wikitext2-raw": _WIKI_ROW, "wikitext103-raw": _WIKI_ROW,
+    "ptb": str.strip, "lm1b": lambda d: d.removesuffix("\n")}
+
+def hub_rows(name: str, docs) -> list[str]:
+    "The documents `docs` of corpus `name` as the hub's rows (what the authors joined with blank lines to score perplexity)."
+    row = _HUB_ROW.get(name)
+    return list(docs) if row is None else [row(d) for d in docs]
 
 _WT2 = {"train": ("wikitext-2/wiki.train.raw",), "validation": ("wikitext-2/wiki.valid.raw",),
         "test": ("wikitext-2/wiki.test.raw",)}
+_TOKENS = lambda d: {s: (f"{d}/wiki.{s.replace('validation', 'valid')}.tokens",) for s in SPLITS}
+OWT_SAMPLE = "openwebtext-sample/openwebtext_first100docs.txt"
+OWT_LOCAL = "openwebtext/openwebtext.jsonl"   # the full corpus under a data root: one {"text": page} per line
 CORPORA = {c.name: c for c in [
-    Corpus("openwebtext", ("Skylion007/openwebtext",), ("train",), {"train": ("openwebtext-sample/openwebtext_first100docs.txt",)},
-           docs="paragraphs", heldout=0.005, note="local: a 100-page sample, documents = paragraphs"),
-    Corpus("wikitext2", ("Salesforce/wikitext", "wikitext-2-raw-v1"), SPLITS, _WT2),
-    Corpus("wikitext103", ("Salesforce/wikitext", "wikitext-103-raw-v1"), SPLITS,
+    Corpus("openwebtext", ("Skylion007/openwebtext",), ("train",), {"train": (OWT_LOCAL,)}, docs="json", heldout=OWT_HELDOUT,
+           note=f"local: the full corpus as {OWT_LOCAL} (8,013,769 pages, one JSON record a line)"),
+    Corpus("openwebtext-sample", None, (), {"train": (OWT_SAMPLE,)}, docs="paragraphs", heldout=OWT_HELDOUT,
+           note="local only: a 100-page sample, documents = paragraphs"),
+    # the paper's perplexity texts: the tokenized sets (with <unk>), as the authors' evaluation loads them
+    Corpus("wikitext2", ("Salesforce/wikitext", "wikitext-2-v1"), SPLITS, _TOKENS("wikitext-2"), note="tokenized (<unk>)"),
+    Corpus("wikitext103", ("Salesforce/wikitext", "wikitext-103-v1"), SPLITS, _TOKENS("wikitext-103"),
+           note="tokenized (<unk>); the WT-103 vocabulary, so fewer <unk> than WT-2 in the same articles"),
+    Corpus("wikitext2-raw", ("Salesforce/wikitext", "wikitext-2-raw-v1"), SPLITS, _WT2, note="raw"),
+    Corpus("wikitext103-raw", ("Salesforce/wikitext", "wikitext-103-raw-v1"), SPLITS,
            {s: (f.replace("wikitext-2/", "wikitext-103/"), *([] if s == "train" else [f])) for s, (f,) in _WT2.items()},
            note="raw; local valid/test = the WT-2 raw files (same articles)"),
     Corpus("ptb", ("ptb_text_only",), SPLITS, {s: (f"ptb/ptb.{s.replace('validation', 'valid')}.txt",) for s in SPLITS},
@@ -184,6 +204,8 @@ def _resolve(name, split, data_dir=None) -> tuple[Corpus, str, list[Path] | None
         raise FileNotFoundError(f"no corpus file or directory at {path}")
     split = _split_name(split, c.splits, c.name)
     root, source = data_root(data_dir), "train" if c.heldout else split
+    if root is None and c.hub is None:
+        raise FileNotFoundError(f"{c.name} is local only: it needs a data root holding {c.files[source][0]}: {HOW_TO}")
     if root is None:
         if source not in c.hub_splits:
             raise ValueError(f"{c.name} has no {split!r} split on the hub ({c.hub[0]}: {', '.join(c.hub_splits)}); "
@@ -192,7 +214,8 @@ def _resolve(name, split, data_dir=None) -> tuple[Corpus, str, list[Path] | None
     paths = [root / f for f in c.files[source]]
     for p in paths:
         if p.is_file(): return c, split, [p]
-    raise FileNotFoundError(f"{c.name} {split}: no file at {' or '.join(map(str, paths))}. Put it there, or {HOW_TO}")
+    hint = f" ({c.note})" if c.hub is not None and c.note.startswith("local:") else ""
+    raise FileNotFoundError(f"{c.name} {split}: no file at {' or '.join(map(str, paths))}{hint}. Put it there, or {HOW_TO}")
 
 # %% ../nbs/04_data.ipynb #8c8d82ce
 def _hub(c: Corpus, split: str) -> datasets.Dataset:
@@ -204,6 +227,8 @@ def _hub(c: Corpus, split: str) -> datasets.Dataset:
 
 def _local(c: Corpus, split: str, files: list[Path]) -> datasets.Dataset:
     import datasets
+    if c.docs == "json":   # a large JSON-lines corpus: memory-mapped arrow, never all in RAM
+        return datasets.load_dataset("json", data_files=[str(f) for f in files], split="train").select_columns(["text"])
     docs = []
     for f in files:
         try:
@@ -220,12 +245,21 @@ def _local(c: Corpus, split: str, files: list[Path]) -> datasets.Dataset:
         docs += _lines(text) if c.docs == "lines" else _paragraphs(text)
     return datasets.Dataset.from_dict({"text": docs})
 
+def _heldout_of(c: Corpus, heldout: float | None, seed: int | None) -> tuple[float, int]:
+    "The held-out fraction and seed of `c`, with the caller's overrides; only a held-out corpus takes them."
+    if (heldout is not None or seed is not None) and not c.heldout:
+        raise ValueError(f"{c.name} has its own splits: heldout={heldout!r}, seed={seed!r} apply to a held-out corpus "
+                         f"({', '.join(n for n, k in CORPORA.items() if k.heldout)})")
+    if heldout is not None and not 0 < heldout < 1: raise ValueError(f"heldout={heldout!r} must be in (0, 1)")
+    return (c.heldout if heldout is None else heldout), (OWT_SEED if seed is None else seed)
+
 def load_corpus(name: str | Path, split: str = "train", data_dir: str | Path | None = None,
-                limit: int | None = None) -> datasets.Dataset:
-    "The documents (a `text` column) of split `split` of a corpus of `CORPORA` or a local file/directory."
+                limit: int | None = None, heldout: float | None = None, seed: int | None = None) -> datasets.Dataset:
+    "The documents (a `text` column) of split `split` of a corpus of `CORPORA` or a local file/directory; `heldout`/`seed` override a held-out split's."
     c, split, files = _resolve(name, split, data_dir)
+    fraction, split_seed = _heldout_of(c, heldout, seed)
     ds = _hub(c, split) if files is None else _local(c, split, files)
-    if c.heldout: ds = heldout_split(ds, split, c.heldout)
+    if c.heldout: ds = heldout_split(ds, split, fraction, split_seed)
     return ds if limit is None else ds.select(range(min(limit, len(ds))))
 
 # %% ../nbs/04_data.ipynb #d0a1eb75
@@ -293,16 +327,33 @@ def cache_problem(path: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError) as e: return f"its sidecar {side.name} does not load ({type(e).__name__}: {e})"
     size = path.stat().st_size
     return None if size == 2 * tokens else f"it has {size} bytes, its sidecar {side.name} records {tokens} tokens ({2 * tokens} bytes)"
+def _joined(ds: datasets.Dataset, name: str, join: str, tokenizer, max_tokens: int | None) -> datasets.Dataset:
+    "The hub rows of `ds` joined by `join` into one text, tokenized in one piece (a prefix of it for `max_tokens`)."
+    import datasets
+    text = join.join(hub_rows(name, ds["text"]))
+    backend = tokenizer.backend_tokenizer
+    chars = len(text) if max_tokens is None else 6 * max_tokens
+    while True:   # a prefix of the text; only the last word or two at the cut can tokenize differently: keep a margin
+        ids = backend.encode(text[:chars], add_special_tokens=False).ids
+        if chars >= len(text) or len(ids) >= max_tokens + 16: break
+        chars *= 4
+    return datasets.Dataset.from_dict({"ids": [ids], "len": [len(ids)]})
 
 def tokenize_corpus(name: str | Path, split: str = "train", tokenizer=None, data_dir: str | Path | None = None,
                     cache_dir: str | Path | None = None, eos: bool = False, max_tokens: int | None = None,
-                    num_proc: int | None = None) -> np.memmap:
-    "The token ids of `load_corpus(name, split, data_dir)`, concatenated, as a cached read-only uint16 memmap."
+                    num_proc: int | None = None, join: str | None = None, heldout: float | None = None,
+                    seed: int | None = None) -> np.memmap:
+    "The token ids of `load_corpus(name, split, data_dir, heldout=, seed=)`, concatenated (or their hub rows joined by `join`), as a cached read-only uint16 memmap."
     c, split, files = _resolve(name, split, data_dir)   # a missing corpus fails before any work
+    fraction, split_seed = _heldout_of(c, heldout, seed)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(data_dir)
     if len(tokenizer) > 2 ** 16: raise ValueError(f"{len(tokenizer)} token ids do not fit in uint16")
     if max_tokens is not None and max_tokens < 1: raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    if join is not None and (not isinstance(join, str) or eos):
+        raise ValueError(f"join={join!r}: a string between documents (e.g. '\\n\\n', the authors' evaluation), and not with eos=True")
     meta = _key(c, split, files, tokenizer, eos, max_tokens)
+    if c.heldout: meta.update(heldout=fraction, heldout_seed=split_seed)   # the split decides the documents
+    if join is not None: meta["join"] = join                         # (only then in the key: other keys are unchanged)
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(c.name).name if c.hub is None else c.name)
     path = token_cache_dir(cache_dir) / f"{slug}-{split}-{key}.bin"
@@ -310,8 +361,9 @@ def tokenize_corpus(name: str | Path, split: str = "train", tokenizer=None, data
         problem = cache_problem(path)
         if problem is None: return np.memmap(path, dtype=np.uint16, mode="r")
         print(f"token cache {path}: {problem}; rebuilding it", file=sys.stderr)   # replaced atomically below
-    t0, ds = time.perf_counter(), load_corpus(name, split, data_dir)
-    if max_tokens is None: toks = _tokenize(ds, tokenizer, eos, num_proc)
+    t0, ds = time.perf_counter(), load_corpus(name, split, data_dir, heldout=heldout, seed=seed)
+    if join is not None: toks = _joined(ds, c.name, join, tokenizer, max_tokens)
+    elif max_tokens is None: toks = _tokenize(ds, tokenizer, eos, num_proc)
     else:
         chars = 6 * max_tokens   # GPT-2 English averages ~4 characters a token; grow if short
         while True:

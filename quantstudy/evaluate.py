@@ -22,10 +22,10 @@ try:  # lm-eval is optional: perplexity and LAMBADA work without it
 except ImportError: HFLM = None
 
 # %% auto #0
-__all__ = ['PAPER_CORPORA', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER_TASKS', 'TASKS_DIR', 'TASK_FILES', 'NO_LOCAL_DATA', 'windows',
-           'Perplexity', 'perplexity', 'lambada_requests', 'lambada', 'perplexity_suite', 'task_unavailable',
-           'hellaswag_preprocess', 'task_dataset', 'model_dir', 'register', 'downstream', 'ppl_table', 'task_table',
-           'ptq', 'main', 'QuantstudyLM']
+__all__ = ['PAPER_CORPORA', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER_TASKS', 'TASKS_DIR', 'TASK_FILES', 'NO_LOCAL_DATA',
+           'PAPER_SEEDS', 'windows', 'Perplexity', 'batch_dependent', 'text_source', 'perplexity', 'lambada_requests',
+           'lambada', 'perplexity_suite', 'task_unavailable', 'hellaswag_preprocess', 'task_dataset', 'model_dir',
+           'register', 'downstream', 'ppl_table', 'task_table', 'load_pretrained', 'ptq', 'main', 'QuantstudyLM']
 
 # %% ../nbs/06_evaluate.ipynb #74a8b8ac
 def windows(n: int, context: int, stride: int | None = None, drop_last: bool = False) -> list[tuple[int, int, int]]:
@@ -58,6 +58,8 @@ class Perplexity:
     stride: int | None   # None: the authors' non-overlapping blocks
     corpus: str = ""
     split: str = ""
+    batch_size: int | None = None   # windows per forward pass (1 for a model whose activation scales span tokens)
+    join: str | None = None         # how a named corpus's rows were joined into the scored text
 
     def to_dict(self) -> dict: return asdict(self)
     def __str__(self):
@@ -74,10 +76,26 @@ def _autocast(device: torch.device, precision: str):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
-def _tokens(corpus, split, tokenizer, data_dir, max_tokens, cache_dir) -> tuple[torch.Tensor, str]:
+def batch_dependent(model) -> list[str]:
+    "The quantized linear layers whose activation scale spans tokens (per tensor, per channel): their output depends on the rest of the batch."
+    return [n for n, q in quantized_modules(model).items() if q.act is not None and q.act.axis("act") != 0]
+
+def _batch_for(model, batch_size: int) -> int:
+    "`batch_size`, or 1 where a scale spans the tokens of a batch: the authors scored one window (one request) at a time."
+    return 1 if batch_size > 1 and batch_dependent(model) else batch_size
+
+def text_source(name: str, split: str = "test", data_dir=None) -> str:
+    "Where the scored text of corpus `name` comes from: its local file under the data root (with its note), or the hub dataset."
+    from .data import _resolve
+    c, split, files = _resolve(name, split, data_dir)
+    if files is None: return f"hub {'/'.join(c.hub)} {split}"
+    root = data_root(data_dir)
+    return str(files[0].relative_to(root)) + (f" ({c.note})" if c.note else "")
+
+def _tokens(corpus, split, tokenizer, data_dir, max_tokens, cache_dir, join=None) -> tuple[torch.Tensor, str]:
     if isinstance(corpus, (str, Path)):
         tok = tokenizer if tokenizer is not None else load_tokenizer(data_dir)
-        ids = tokenize_corpus(corpus, split, tok, data_dir=data_dir, cache_dir=cache_dir, max_tokens=max_tokens)
+        ids = tokenize_corpus(corpus, split, tok, data_dir=data_dir, cache_dir=cache_dir, max_tokens=max_tokens, join=join)
         return torch.from_numpy(np.asarray(ids, dtype=np.int64)), str(corpus)
     ids = torch.as_tensor(np.asarray(corpus), dtype=torch.long).flatten()
     return (ids if max_tokens is None else ids[:max_tokens]), ""
@@ -86,9 +104,11 @@ def _tokens(corpus, split, tokenizer, data_dir, max_tokens, cache_dir) -> tuple[
 @torch.no_grad()
 def perplexity(model, corpus, split: str = "test", *, tokenizer=None, data_dir=None, context: int | None = None,
                stride: int | None = None, batch_size: int = 8, max_tokens: int | None = None, eos_prefix: bool = False,
-               drop_last: bool = False, precision: str = "auto", cache_dir=None, progress: bool = True) -> Perplexity:
-    "Perplexity of `model` on `corpus` (a name in `CORPORA`, or token ids): authors' blocks (`stride=None`) or rolling windows."
-    ids, name = _tokens(corpus, split, tokenizer, data_dir, max_tokens, cache_dir)
+               drop_last: bool = False, precision: str = "auto", cache_dir=None, progress: bool = True,
+               join: str | None = "\n\n") -> Perplexity:
+    "Perplexity of `model` on `corpus` (a name in `CORPORA`: its rows joined by `join`, or token ids): authors' blocks (`stride=None`) or rolling windows."
+    ids, name = _tokens(corpus, split, tokenizer, data_dir, max_tokens, cache_dir, join)
+    batch_size = _batch_for(model, batch_size)
     if eos_prefix:  # lm-eval's convention: the first token is predicted from <|endoftext|>
         ids = torch.cat([torch.tensor([model.config.eos_token_id]), ids])
     context = context or model.config.n_positions
@@ -115,7 +135,7 @@ def perplexity(model, corpus, split: str = "test", *, tokenizer=None, data_dir=N
     return Perplexity(ppl=math.exp(nll.sum().item() / count.sum().item()),
                       ppl_windows=math.exp((nll / count).mean().item()), nll=nll.sum().item(),
                       tokens=int(count.sum()), windows=len(ws), context=context, stride=stride, corpus=name,
-                      split=split if name else "")
+                      split=split if name else "", batch_size=batch_size, join=join if name else None)
 
 # %% ../nbs/06_evaluate.ipynb #5b09f4f0
 def _lm_tokenizer(data_dir=None):
@@ -140,6 +160,7 @@ def lambada(model, tokenizer=None, data_dir=None, batch_size: int = 16, limit: i
     "LAMBADA (OpenAI) last-word accuracy and perplexity, lm-eval's `lambada_openai` definitions: {acc, ppl, n}."
     tokenizer = tokenizer if tokenizer is not None else _lm_tokenizer(data_dir)
     reqs = lambada_requests(load_corpus("lambada", "test", data_dir, limit=limit)["text"], tokenizer)
+    batch_size = _batch_for(model, batch_size)   # padding would enter a scale that spans tokens
     ctx_len, device = model.config.n_positions, model_device(model)
     seqs = [(c + t)[-(ctx_len + 1):][:-1] for c, t in reqs]
     order = sorted(range(len(reqs)), key=lambda i: -len(seqs[i]))   # long first, as lm-eval; little padding
@@ -330,9 +351,11 @@ def _metrics(res: dict) -> dict:
     return {k.split(",")[0]: float(v) for k, v in res.items()
             if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
 
-def downstream(model, tasks=PAPER_TASKS, num_fewshot: int = 5, seeds=(0, 1, 2), limit: int | float | None = None,
+PAPER_SEEDS = (42, 1234, 1337, 2024, 1357)   # the authors' evaluation seeds
+
+def downstream(model, tasks=PAPER_TASKS, num_fewshot: int = 5, seeds=PAPER_SEEDS, limit: int | float | None = None,
                data_dir=None, batch_size: int = 8, verbose: bool = False) -> dict:
-    "Few-shot lm-eval accuracy of `model` (a model, a run/model directory, or an lm-eval LM) per task: mean and std over seeds."
+    "Few-shot lm-eval accuracy of `model` (a model, a run/model directory, or an lm-eval LM) per task: mean and population std (the authors' `np.std`) over seeds."
     if not register(): raise ImportError("downstream needs lm-eval: pip install 'lm-eval>=0.4.13,<0.5'")
     from lm_eval import simple_evaluate
     from lm_eval.api.model import LM
@@ -349,7 +372,7 @@ def downstream(model, tasks=PAPER_TASKS, num_fewshot: int = 5, seeds=(0, 1, 2), 
     with _quiet(verbose):
         if isinstance(model, LM): lm = model
         elif isinstance(model, (str, Path)): lm = QuantstudyLM(path=model, data_dir=data_dir, batch_size=batch_size)
-        else: lm = QuantstudyLM(pretrained=model, data_dir=data_dir, batch_size=batch_size)
+        else: lm = QuantstudyLM(pretrained=model, data_dir=data_dir, batch_size=_batch_for(model, batch_size))
         tm = (TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=dict(data_dir=str(root)))
               if root is not None else TaskManager())
         loaded = list(tm.load(run)["tasks"].values())   # built once; each run re-seeds the few-shot sampler
@@ -363,9 +386,10 @@ def downstream(model, tasks=PAPER_TASKS, num_fewshot: int = 5, seeds=(0, 1, 2), 
         row = {}
         for k in ms[0]:
             v = np.array([m[k] for m in ms])
-            row[k], row[k + "_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            row[k], row[k + "_std"] = float(v.mean()), float(v.std(ddof=0))   # population, as the authors' np.std
+            row[k + "_std_sample"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
         row.update(n=int(per_seed[0]["n-samples"][t]["effective"]), num_fewshot=num_fewshot, seeds=list(seeds),
-                   per_seed=ms)
+                   std="population (ddof=0)", per_seed=ms)
         out[t] = row
     return {t: out[t] for t in tasks}
 
@@ -398,6 +422,18 @@ def task_table(rows: dict, metric: str = "acc", tasks=PAPER_TASKS, std: bool = F
     return "\n".join(lines)
 
 # %% ../nbs/06_evaluate.ipynb #b9eebc17
+def load_pretrained(name: str = "gpt2", data_dir=None):
+    "A released checkpoint (OpenAI's `gpt2` for Table 1): from `<data root>/models/<name>` if there, else the hub."
+    from transformers import GPT2LMHeadModel
+    root = data_root(data_dir)
+    local = root / "models" / name if root is not None else None
+    try: model = GPT2LMHeadModel.from_pretrained(str(local) if local is not None and local.is_dir() else name)
+    except OSError as e:
+        raise FileNotFoundError(f"the pretrained checkpoint {name!r} is not available offline: no {local or 'data root'} and no hub "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    model.recipe = Recipe()
+    return model.eval()
+
 def ptq(model, quant: LinearQuant | dict | str, modules="all-linear"):
     "A deep copy of the full-precision `model` with its linear layers' weights/activations fake-quantized per `quant`."
     if isinstance(quant, str): quant = LinearQuant(weight=quant)   # a weight quantizer's name, e.g. "8-channel"

@@ -7,14 +7,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from .quantizers import QuantSpec
-from .qlinear import LinearQuant
+from .qlinear import GRAD_PLACEMENTS, LinearQuant
 from .optim import OptimQuant
 from .model import Recipe
 from .train import TrainConfig, preset
+from .analysis import PAPER_LINEAR_TIME, PAPER_MEMORY
 
 # %% auto #0
-__all__ = ['GRID', 'PTQ', 'PPL_CORPORA', 'TASKS', 'EVALS', 'EVAL_FIELDS', 'STUDIES', 'BEYOND', 'Experiment', 'check_evals',
-           'experiment_names', 'get_experiment', 'study_experiments']
+__all__ = ['GRID', 'PRETRAINED', 'PTQ', 'PPL_CORPORA', 'TASKS', 'PAPER_SEEDS', 'ANALYSIS_SETTINGS', 'SNAPSHOT_EVERY', 'EVALS',
+           'EVAL_FIELDS', 'STUDIES', 'BEYOND', 'Experiment', 'check_evals', 'experiment_names', 'get_experiment',
+           'study_experiments']
 
 # %% ../nbs/08_experiments.ipynb #8027ed6f
 @dataclass(frozen=True)
@@ -29,12 +31,15 @@ class Experiment:
     tables: tuple = ()
     base: str | None = None               # PTQ: the experiment whose trained model is quantized
     ptq: LinearQuant | None = None        # PTQ: the quantization applied after training
+    pretrained: str | None = None         # evaluation only: a released checkpoint (Table 1: OpenAI's `gpt2`)
+    analysis_settings: dict = field(default_factory=dict)   # analysis -> keyword arguments (the paper's model sizes, lengths)
 
     def to_dict(self) -> dict:
         "The fully resolved configuration (JSON-able), as stored in results.json."
         return dict(name=self.name, recipe=self.recipe.to_dict(), train=self.train.to_dict(), evals=self.evals,
                     analyses=list(self.analyses), figures=list(self.figures), tables=list(self.tables),
-                    base=self.base, ptq=self.ptq.to_dict() if self.ptq else None)
+                    base=self.base, ptq=self.ptq.to_dict() if self.ptq else None, pretrained=self.pretrained,
+                    analysis_settings=self.analysis_settings)
 
 # %% ../nbs/08_experiments.ipynb #12a57be9
 def _lin(**kw): return Recipe(linear=LinearQuant(**kw))
@@ -57,7 +62,7 @@ GRID = {
     "g4-token":       (_lin(grad="4-token"), ("fig9",), ("table4", "table8"), ()),
     "g8-tensor":      (_lin(grad="8-tensor"), ("fig9",), ("table4", "table8"), ()),
     "g8-token":       (_lin(grad="8-token"), ("fig9", "fig10"), ("table4", "table8"), ("gradients",)),
-    "g8-token-input": (_lin(grad="8-token", grad_input=True), ("fig10",), (), ("gradients",)),
+    "g8-token-input": (_lin(grad="8-token", **GRAD_PLACEMENTS["input"]), ("fig10",), (), ("gradients",)),   # the authors' switch
     "m4-tensor":      (_opt(m="4-tensor"), ("fig11",), ("table5", "table9"), ()),
     "m4-channel":     (_opt(m="4-channel"), ("fig11",), ("table5", "table9"), ()),
     "m8-tensor":      (_opt(m="8-tensor"), ("fig11",), ("table5", "table9"), ()),
@@ -68,6 +73,9 @@ GRID = {
     "w8a8g8":         (_lin(weight="8-channel", act="8-token", grad="8-token"), ("fig13",), (), ()),
 }
 
+# Table 1: OpenAI's released GPT-2 124M on the same evaluations as the baseline (the hub's `gpt2`; nothing is trained)
+PRETRAINED = {"gpt2-openai": "gpt2"}
+
 # Tables 10 and 11: post-training quantization of the trained baseline ("per-column" in the paper's tables)
 PTQ = {f"ptq-{c}{b}-{g}": (LinearQuant(**{"weight" if c == "w" else "act": f"{b}-{g}"}), "table10" if c == "w" else "table11")
        for c in "wa" for b in (4, 8) for g in ("tensor", "channel")}
@@ -75,9 +83,16 @@ PTQ = {f"ptq-{c}{b}-{g}": (LinearQuant(**{"weight" if c == "w" else "act": f"{b}
 # %% ../nbs/08_experiments.ipynb #314a105d
 PPL_CORPORA = ("wikitext103", "wikitext2", "ptb", "lm1b")
 TASKS = ("mnli", "mrpc", "rte", "qnli", "sst2", "wnli", "arc_easy", "arc_challenge", "lambada_openai", "hellaswag")  # lm-eval names
+PAPER_SEEDS = (42, 1234, 1337, 2024, 1357)   # the authors' evaluation seeds: each table cell is the mean of 5 runs
+# Figs. 2, 3, 14, 15 measure GPT-2 small to XL at the paper's lengths and batch sizes (seconds each on a GPU);
+# the smoke preset profiles the run's own tiny model
+# Fig. 10 looks at the gradients "early on in training": the first snapshot or checkpoint
+ANALYSIS_SETTINGS = {"paper": dict(memory=dict(PAPER_MEMORY), linear_time=dict(PAPER_LINEAR_TIME), gradients=dict(checkpoint="first")),
+                     "smoke": dict(gradients=dict(checkpoint="first"))}
+SNAPSHOT_EVERY = {"paper": 15_000, "smoke": 100}   # the authors kept a checkpoint every 15k steps; for Figs. 6 and 10
 EVALS = {
     "paper": dict(perplexity=dict(corpora=PPL_CORPORA, max_tokens=None), lambada=dict(limit=None),
-                  downstream=dict(tasks=TASKS, num_fewshot=5, seeds=(0, 1, 2), limit=None)),
+                  downstream=dict(tasks=TASKS, num_fewshot=5, seeds=PAPER_SEEDS, limit=None)),
     "smoke": dict(perplexity=dict(corpora=PPL_CORPORA, max_tokens=8192), lambada=dict(limit=100),
                   downstream=dict(tasks=TASKS, num_fewshot=5, seeds=(0,), limit=25)),
 }
@@ -110,12 +125,12 @@ def check_evals(ev: dict) -> dict:
     return ev
 
 def experiment_names() -> list[str]:
-    "Every experiment name: the pre-training grid, then the PTQ rows."
-    return [*GRID, *PTQ]
+    "Every experiment name: the pre-training grid, the PTQ rows, then the released checkpoints (Table 1)."
+    return [*GRID, *PTQ, *PRETRAINED]
 
 def get_experiment(name: str, preset_name: str = "smoke", evals: dict | None = None, analyses=None, **overrides) -> Experiment:
     "The experiment `name` under the `paper` or `smoke` preset; `evals` replace the preset's by key, `overrides` `TrainConfig` fields."
-    if name not in GRID and name not in PTQ:
+    if name not in GRID and name not in PTQ and name not in PRETRAINED:
         raise ValueError(f"unknown experiment {name!r}: use one of {', '.join(experiment_names())}")
     if preset_name not in EVALS: raise ValueError(f"unknown preset {preset_name!r}: use one of {sorted(EVALS)}")
     cfg = preset(preset_name, **overrides)   # every field checked; a dict override (`model`) merges into the preset's
@@ -128,8 +143,15 @@ def get_experiment(name: str, preset_name: str = "smoke", evals: dict | None = N
     if name in PTQ:
         ptq, table = PTQ[name]
         return Experiment(name, Recipe(), cfg, {"perplexity": ev["perplexity"]}, (), (), (table,), base="baseline", ptq=ptq)
+    if name in PRETRAINED:   # Table 1: perplexities and LAMBADA, as for the baseline
+        return Experiment(name, Recipe(), cfg, {k: ev[k] for k in ("perplexity", "lambada") if k in ev}, (), (), ("table1",),
+                          pretrained=PRETRAINED[name])
     recipe, figs, tables, own = GRID[name]
-    return Experiment(name, recipe, cfg, ev, own if analyses is None else tuple(analyses), figs, tables)
+    own = own if analyses is None else tuple(analyses)
+    settings = {a: kw for a, kw in ANALYSIS_SETTINGS[preset_name].items() if a in own}
+    if {"activations", "gradients"} & set(own) and "snapshot_every" not in overrides:   # runs analysed across training
+        cfg = cfg.replace(snapshot_every=SNAPSHOT_EVERY[preset_name])
+    return Experiment(name, recipe, cfg, ev, own, figs, tables, analysis_settings=settings)
 
 # %% ../nbs/08_experiments.ipynb #0c1c1710
 STUDIES = {

@@ -16,27 +16,31 @@ __all__ = ['MOMENTS', 'OptimQuant', 'pack4', 'unpack4', 'QAdamW', 'gpt2_small_pa
 # %% ../nbs/03_optim.ipynb #62019519
 @dataclass(frozen=True)
 class OptimQuant:
-    "How AdamW's moments of 2-D weights are stored: `m` (first) and `v` (second), each a `QuantSpec`, a `MomentScheme` (03a) or None (fp32)."
+    "How AdamW's moments of 2-D weights are stored: `m` (first) and `v` (second), each a `QuantSpec`, a `MomentScheme` (03a) or None (fp32); `embeddings`: also those of the embeddings."
     m: QuantSpec | MomentScheme | None = None
     v: QuantSpec | MomentScheme | None = None
+    embeddings: bool = False   # the trainer quantizes the moments of linear-layer weights only (the authors'); True: wte/wpe too
 
     def __post_init__(self):
         for field in ("m", "v"):
             spec = parse_moment(getattr(self, field), field)   # the paper's names stay QuantSpecs
             if isinstance(spec, QuantSpec): spec.axis("moment")  # a moment has no token dim: raises naming the granularity
             object.__setattr__(self, field, spec)
+        if not isinstance(self.embeddings, bool): raise ValueError(f"embeddings={self.embeddings!r} must be True or False")
 
     @property
     def is_noop(self) -> bool: return self.m is None and self.v is None
 
     @property
     def name(self) -> str:
-        "Label like `m8-channel`, `v8-tensor` or `m4-channel_v8-channel` (`fp32` if nothing is quantized)."
-        return "_".join(f"{k}{s.name}" for k, s in (("m", self.m), ("v", self.v)) if s is not None) or "fp32"
+        "Label like `m8-channel`, `v8-tensor`, `m4-channel_v8-channel` or `m8-channel_emb` (`fp32` if nothing is quantized)."
+        parts = [f"{k}{s.name}" for k, s in (("m", self.m), ("v", self.v)) if s is not None]
+        return "_".join(parts + (["emb"] if self.embeddings and parts else [])) or "fp32"
 
     def to_dict(self) -> dict:
-        "Plain dict of spec names (JSON and `torch.load(weights_only=True)` safe)."
-        return {"m": None if self.m is None else self.m.name, "v": None if self.v is None else self.v.name}
+        "Plain dict of spec names (JSON and `torch.load(weights_only=True)` safe); `embeddings` only when set."
+        d = {"m": None if self.m is None else self.m.name, "v": None if self.v is None else self.v.name}
+        return {**d, "embeddings": True} if self.embeddings else d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "OptimQuant":
@@ -50,8 +54,10 @@ class OptimQuant:
         if x == "fp32": return cls()
         d = {}
         for part in str(x).split("_"):
+            if part == "emb" and "embeddings" not in d: d["embeddings"] = True; continue
             if part[:1] not in ("m", "v") or part[0] in d:
-                raise ValueError(f"cannot parse optim_quant {x!r}: write e.g. 'm8-channel', 'v8-tensor', 'm4-channel_v8-channel' or 'm4-block128-dynamic_v4-rank1-nozero'")
+                raise ValueError(f"cannot parse optim_quant {x!r}: write e.g. 'm8-channel', 'v8-tensor', 'm4-channel_v8-channel', "
+                                 "'m4-block128-dynamic_v4-rank1-nozero' or 'm8-channel_emb' (embeddings too)")
             d[part[0]] = part[1:]
         return cls(**d)
 
@@ -80,14 +86,16 @@ def _scale_dims(spec: QuantSpec, channel_dim: int = 0) -> tuple:
     return (2,) if channel_dim == 0 else (1,)
 
 def _encode_(x: torch.Tensor, spec: QuantSpec, channel_dim: int = 0):
-    "Quantize the fp32 moments `x[k, r, c]` in place (eq. 1, as `quantize`): `(codes as floats [k, r*c], scale, zero)`."
+    "Quantize the fp32 moments `x[k, r, c]` in place (eq. 1, as `spec.quantize(., 'moment')`, floor included): `(codes as floats [k, r*c], scale, zero)`."
     k = x.shape[0]
     n, p = qrange(spec.bits)
-    dims = _scale_dims(spec, channel_dim)
+    dims, floor = _scale_dims(spec, channel_dim), spec.min_range("moment")
     hi, lo = x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True)   # scales [k, r, 1], [k, 1, c] or [k, 1, 1]
     # divide by 0-d tensors, as `qparams` does: a Python-int divisor becomes a reciprocal multiply on CUDA
-    if spec.symmetric: scale, zero = torch.maximum(hi, lo.neg()) / _const(p, x.device), None
-    else: scale = (hi.clamp_(min=0) - lo.clamp_(max=0)) / _const(p - n, x.device)
+    span = torch.maximum(hi, lo.neg()) if spec.symmetric else hi.clamp_(min=0) - lo.clamp_(max=0)
+    if floor: span = torch.maximum(span, _const(floor, x.device))   # the authors' minimum_range of optimizer states: 1e-8
+    if spec.symmetric: scale, zero = span / _const(p, x.device), None
+    else: scale = span / _const(p - n, x.device)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))   # an all-zero row: scale 1, codes 0
     x.div_(scale).round_()
     if not spec.symmetric:
@@ -156,7 +164,8 @@ class QAdamW(torch.optim.Optimizer):
         if not 0.0 <= weight_decay: raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
         if not (isinstance(chunk_numel, int) and chunk_numel > 0): raise ValueError(f"chunk_numel={chunk_numel!r} must be a positive int")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        optim_quant=OptimQuant.parse(optim_quant).to_dict(), chunk_numel=chunk_numel, channel_dim=0)
+                        optim_quant=OptimQuant.parse(optim_quant).to_dict(), chunk_numel=chunk_numel, channel_dim=0,
+                        quantize_moments=True)   # False: this group's moments stay fp32 (the trainer's embeddings)
         super().__init__(params, defaults)
         self._buffers = {}   # fp32 work buffers for the dequantized moments of one chunk: not state, never saved
 
@@ -167,11 +176,13 @@ class QAdamW(torch.optim.Optimizer):
         g["betas"] = tuple(g["betas"])
         if g["channel_dim"] not in (0, 1):
             raise ValueError(f"channel_dim={g['channel_dim']!r} must be 0 (weights stored [out, in]) or 1 ([in, out], HF Conv1D)")
+        if not isinstance(g["quantize_moments"], bool):
+            raise ValueError(f"quantize_moments={g['quantize_moments']!r} must be True or False")
 
     @staticmethod
-    def specs(p: torch.Tensor, optim_quant: OptimQuant) -> dict:
-        "The spec (or None: fp32) of each moment of `p`: only 2-D parameters are quantized."
-        if p.dim() != 2: return {n: None for n in MOMENTS}
+    def specs(p: torch.Tensor, optim_quant: OptimQuant, quantize: bool = True) -> dict:
+        "The spec (or None: fp32) of each moment of `p`: only 2-D parameters of a group that quantizes moments."
+        if p.dim() != 2 or not quantize: return {n: None for n in MOMENTS}
         return {"exp_avg": optim_quant.m, "exp_avg_sq": optim_quant.v}
 
     # state of one parameter
@@ -250,7 +261,7 @@ class QAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None: continue
                 if p.grad.is_sparse: raise RuntimeError("QAdamW does not support sparse gradients")
-                specs = self.specs(p, oq)
+                specs = self.specs(p, oq, group["quantize_moments"])
                 self._prepare(p, specs, group["channel_dim"])
                 if all(s is None for s in specs.values()): plain[(p.device, p.dtype)].append(p)
                 else: quant[(p.device, p.dtype, tuple(p.shape))].append(p)
@@ -264,7 +275,7 @@ class QAdamW(torch.optim.Optimizer):
                 _adam(ps, [p.grad for p in ps], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
                       [s["step"].item() for s in st], **hyper)
             for shape_ps in quant.values():
-                specs = self.specs(shape_ps[0], oq)
+                specs = self.specs(shape_ps[0], oq, group["quantize_moments"])
                 for ps in _chunks(shape_ps, shape_ps[0].numel(), group["chunk_numel"]):
                     (m, m_stack), (v, v_stack) = self._read_stack(ps, "exp_avg", 0), self._read_stack(ps, "exp_avg_sq", 1)
                     grads = [p.grad if p.grad.dtype == m[0].dtype == v[0].dtype else p.grad.float() for p in ps]

@@ -14,13 +14,17 @@ from transformers.pytorch_utils import Conv1D
 from .quantizers import QuantSpec, quantize, dequantize, compile_policy
 
 # %% auto #0
-__all__ = ['BACKWARDS', 'KERNELS', 'MODULE_SETS', 'HEAD', 'LinearQuant', 'quant_linear', 'QuantLinear', 'QuantConv1D',
-           'linear_modules', 'select_modules', 'quantize_model', 'quantized_modules', 'int_mm_is_exact', 'int_mm',
-           'int8_matmul', 'int_mm_cpu_ratio']
+__all__ = ['BACKWARDS', 'KERNELS', 'GRAD_PLACEMENTS', 'MODULE_SETS', 'HEAD', 'LinearQuant', 'quant_linear', 'QuantLinear',
+           'QuantConv1D', 'linear_modules', 'select_modules', 'quantize_model', 'quantized_modules', 'int_mm_is_exact',
+           'int_mm', 'int8_matmul', 'int_mm_cpu_ratio']
 
 # %% ../nbs/01_qlinear.ipynb #3812e007
 BACKWARDS = ("paper", "quantized")
 KERNELS = ("fake", "int8")
+GRAD_PLACEMENTS = {   # where the quantized output gradient Q_g(G) is used, by name
+    "weight": dict(grad_weight=True, grad_input=False),   # dL/dW = Q_g(G)^T X only: the paper's default (sec. 3.1)
+    "input": dict(grad_weight=False, grad_input=True),    # dL/dX = Q_g(G) W only: the authors' switch, Fig. 10's variant
+    "both": dict(grad_weight=True, grad_input=True)}      # both backward products
 _ROLES = {"weight": "weight", "act": "act", "grad": "grad"}  # field -> role of the tensor it quantizes
 
 @dataclass(frozen=True)
@@ -29,9 +33,10 @@ class LinearQuant:
     weight: QuantSpec | None = None
     act: QuantSpec | None = None
     grad: QuantSpec | None = None
-    grad_input: bool = False      # also quantize G for the input gradient (unstable, Fig. 10)
+    grad_input: bool = False      # quantize G for the input gradient dL/dX (unstable, Fig. 10)
     backward: str = "paper"       # "paper": full-precision X, W in the backward products; "quantized": Q_a(X), Q_w(W)
     kernel: str = "fake"          # "fake": float matmuls of fake-quantized operands; "int8": int8 codes where scales factor
+    grad_weight: bool = True      # quantize G for the weight gradient dL/dW (the paper); see `GRAD_PLACEMENTS`
 
     def __post_init__(self):
         for field, role in _ROLES.items():
@@ -44,10 +49,13 @@ class LinearQuant:
             object.__setattr__(self, field, spec)
         if self.backward not in BACKWARDS:
             raise ValueError(f"backward={self.backward!r} is not supported: use one of {BACKWARDS}")
-        if not isinstance(self.grad_input, bool):
-            raise ValueError(f"grad_input={self.grad_input!r} must be True or False")
+        for k in ("grad_input", "grad_weight"):
+            if not isinstance(getattr(self, k), bool): raise ValueError(f"{k}={getattr(self, k)!r} must be True or False")
         if self.grad_input and self.grad is None:
             raise ValueError("grad_input=True quantizes the output gradient, so it needs a grad quantizer; grad=None")
+        if self.grad is not None and not (self.grad_input or self.grad_weight):
+            raise ValueError(f"grad={self.grad.name!r} is used in no product: grad_weight=False and grad_input=False "
+                             f"(use one of the placements {tuple(GRAD_PLACEMENTS)})")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel={self.kernel!r} is not supported: use one of {KERNELS}")
         if self.kernel == "int8" and "forward" not in self.int8_matmuls:
@@ -63,7 +71,13 @@ class LinearQuant:
         return tuple(name for name, allowed in (
             ("forward", ok(self.weight, "weight", (None, 0)) and ok(self.act, "act", (None, 0))),
             ("grad_input", self.grad_input and quantized and ok(self.grad, "grad", (None, 0)) and ok(self.weight, "weight", (None,))),
-            ("grad_weight", quantized and ok(self.grad, "grad", (None, 1)) and ok(self.act, "act", (None,)))) if allowed)
+            ("grad_weight", self.grad_weight and quantized and ok(self.grad, "grad", (None, 1)) and ok(self.act, "act", (None,)))) if allowed)
+
+    @property
+    def grad_placement(self) -> str | None:
+        "Where `grad` is used: `weight` (the paper), `input` (Fig. 10's variant) or `both`; None without a grad quantizer."
+        if self.grad is None: return None
+        return next(k for k, v in GRAD_PLACEMENTS.items() if (v["grad_weight"], v["grad_input"]) == (self.grad_weight, self.grad_input))
 
     @property
     def is_noop(self) -> bool:
@@ -72,9 +86,9 @@ class LinearQuant:
 
     @property
     def name(self) -> str:
-        "Short label, e.g. `w8-channel_a8-token`, `g8-token_gin`; `fp` if nothing is quantized."
+        "Short label, e.g. `w8-channel_a8-token`, `g8-token_gin` (both products), `g8-token_gin-only`; `fp` if nothing is quantized."
         parts = [f"{k}{s.name}" for k, s in (("w", self.weight), ("a", self.act), ("g", self.grad)) if s is not None]
-        if self.grad_input: parts.append("gin")
+        if self.grad_input: parts.append("gin" if self.grad_weight else "gin-only")
         if parts and self.backward != "paper": parts.append(f"bwd-{self.backward}")
         if self.kernel != "fake": parts.append(self.kernel)
         return "_".join(parts) or "fp"
@@ -83,14 +97,18 @@ class LinearQuant:
         "JSON-able fields; `from_dict` inverts it."
         spec = lambda s: None if s is None else asdict(s)
         return dict(weight=spec(self.weight), act=spec(self.act), grad=spec(self.grad),
-                    grad_input=self.grad_input, backward=self.backward, kernel=self.kernel)
+                    grad_input=self.grad_input, backward=self.backward, kernel=self.kernel, grad_weight=self.grad_weight)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "LinearQuant":
-        "A `LinearQuant` from `to_dict`'s output (specs may also be names like `'8-channel'`)."
+        "A `LinearQuant` from `to_dict`'s output (specs may also be names like `'8-channel'`; `grad_placement` a name of `GRAD_PLACEMENTS`)."
         d = dict(d or {})
-        unknown = set(d) - {"weight", "act", "grad", "grad_input", "backward", "kernel"}
+        unknown = set(d) - {"weight", "act", "grad", "grad_input", "backward", "kernel", "grad_weight", "grad_placement"}
         if unknown: raise ValueError(f"unknown LinearQuant fields {sorted(unknown)}")
+        if "grad_placement" in d:
+            where = d.pop("grad_placement")
+            if where not in GRAD_PLACEMENTS: raise ValueError(f"grad_placement={where!r} is not one of {tuple(GRAD_PLACEMENTS)}")
+            d.update(GRAD_PLACEMENTS[where])
         return cls(**d)
 
 # %% ../nbs/01_qlinear.ipynb #707b16a4
@@ -125,9 +143,10 @@ class _QuantLinearFn(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         q, (need_gx, need_gw, need_gb, _) = ctx.quant, ctx.needs_input_grad
-        gq = q.grad(g, "grad") if q.grad is not None and (need_gw or q.grad_input) else g
+        gq = q.grad(g, "grad") if q.grad is not None and ((need_gw and q.grad_weight) or (need_gx and q.grad_input)) else g
         gx = (gq if q.grad_input else g).mm(w) if need_gx else None
-        gw = (x.t().mm(gq).t() if ctx.w_transposed else gq.t().mm(x)) if need_gw else None
+        gw_g = gq if q.grad_weight else g
+        gw = (x.t().mm(gw_g).t() if ctx.w_transposed else gw_g.t().mm(x)) if need_gw else None
         gb = g.sum(0) if need_gb else None  # the bias gradient uses the full-precision G
         return gx, gw, gb, None
 
@@ -384,7 +403,7 @@ def int_mm_cpu_ratio() -> float:
 # %% ../nbs/01_qlinear.ipynb #7924ad1b
 def _codes(x, spec, role):
     "Symmetric codes and fp32 scale of `x` in `role`."
-    codes, scale, _ = quantize(x, spec.bits, spec.axis(role))
+    codes, scale, _ = spec.quantize(x, role)   # its axis and floor
     return codes, scale
 
 class _Int8LinearFn(torch.autograd.Function):
@@ -421,7 +440,7 @@ class _Int8LinearFn(torch.autograd.Function):
                 gw = (int8_matmul(x.t(), cg, sx, sg, None, dt).t() if ctx.w_transposed
                       else int8_matmul(cg.t(), x, sg.view(-1, 1), sx, None, dt))
             else:
-                gq = q.grad(g, "grad") if q.grad is not None else g
+                gq = q.grad(g, "grad") if q.grad is not None and q.grad_weight else g
                 xf = fp(x, sx)
                 gw = xf.t().mm(gq).t() if ctx.w_transposed else gq.t().mm(xf)
         gb = g.sum(0) if need_gb else None

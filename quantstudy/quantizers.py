@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-import math, os, warnings
+import math, os, re, warnings
 import torch
 
 # %% auto #0
-__all__ = ['BITS', 'GRANULARITIES', 'qrange', 'qparams', 'quantize', 'dequantize', 'fake_quantize', 'CompilePolicy',
+__all__ = ['BITS', 'GRANULARITIES', 'FLOORS', 'qrange', 'qparams', 'quantize', 'dequantize', 'fake_quantize', 'CompilePolicy',
            'compile_policy', 'set_compile_policy', 'using_compile_policy', 'QuantSpec']
 
 # %% ../nbs/00_quantizers.ipynb #f6e47ae6
@@ -32,22 +32,31 @@ def _reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:
     axis = axis % x.dim()
     return tuple(d for d in range(x.dim()) if d != axis)
 
-def qparams(x: torch.Tensor, bits: int, axis: int | None = None, symmetric: bool = True):
-    "Scale and zero point (fp32, broadcastable to `x`) of eq. (1); the zero point is `None` if `symmetric`."
+def _check_floor(floor) -> float:
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < math.inf:
+        raise ValueError(f"floor={floor!r} must be a finite number >= 0 (the smallest range a scale is computed from)")
+    return float(floor)
+
+def qparams(x: torch.Tensor, bits: int, axis: int | None = None, symmetric: bool = True, floor: float = 0.0):
+    "Scale and zero point (fp32, broadcastable to `x`) of eq. (1), the range (max|x|, or max - min) floored at `floor`; the zero point is `None` if `symmetric`."
     n, p = qrange(bits)
+    floor = _check_floor(floor)
     dims, xf = _reduce_dims(x, axis), x.detach().float()
     if symmetric:
         amax = xf.abs().amax(dim=dims, keepdim=True) if dims else xf.abs()
+        if floor: amax = torch.maximum(amax, _const(floor, x.device))   # the authors' `minimum_range`
         scale = amax / _const(p, x.device)
         return torch.where(scale > 0, scale, torch.ones_like(scale)), None
     lo = (xf.amin(dim=dims, keepdim=True) if dims else xf).clamp(max=0)
     hi = (xf.amax(dim=dims, keepdim=True) if dims else xf).clamp(min=0)
-    scale = (hi - lo) / _const(p - n, x.device)
+    span = hi - lo
+    if floor: span = torch.maximum(span, _const(floor, x.device))
+    scale = span / _const(p - n, x.device)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return scale, torch.round(lo / scale) - n
 
 _CONSTS = {}
-def _const(v: int, device) -> torch.Tensor:
+def _const(v: int | float, device) -> torch.Tensor:
     "`v` as a cached 0-d fp32 tensor on `device`: dividing by it is an IEEE division on every device (see *Speed* below)."
     t = _CONSTS.get((v, device))
     if t is None:
@@ -55,14 +64,14 @@ def _const(v: int, device) -> torch.Tensor:
     return t
 
 # %% ../nbs/00_quantizers.ipynb #d94b0482
-def quantize(x: torch.Tensor, bits: int, axis: int | None = None, symmetric: bool = True):
-    "Integer codes of `x` (eq. 1) with their scale and zero point: `(codes, scale, zero)`."
-    fused = _fused(x.detach(), bits, axis, symmetric, "int8" if bits <= 8 else "int16")
-    return fused if fused is not None else _quantize_eager(x, bits, axis, symmetric)
+def quantize(x: torch.Tensor, bits: int, axis: int | None = None, symmetric: bool = True, floor: float = 0.0):
+    "Integer codes of `x` (eq. 1, the range floored at `floor`) with their scale and zero point: `(codes, scale, zero)`."
+    fused = _fused(x.detach(), bits, axis, symmetric, "int8" if bits <= 8 else "int16", floor)
+    return fused if fused is not None else _quantize_eager(x, bits, axis, symmetric, floor)
 
-def _quantize_eager(x, bits, axis, symmetric):
+def _quantize_eager(x, bits, axis, symmetric, floor=0.0):
     n, p = qrange(bits)
-    scale, zero = qparams(x, bits, axis, symmetric)
+    scale, zero = qparams(x, bits, axis, symmetric, floor)
     q = torch.round(x.detach().float() / scale)
     if zero is not None: q = q - zero
     return q.clamp_(n, p).to(torch.int8 if bits <= 8 else torch.int16), scale, zero
@@ -75,29 +84,29 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return (q * scale).to(dtype)
 
 # %% ../nbs/00_quantizers.ipynb #40d1a675
-def _fake_quantize(x, bits, axis, symmetric):
-    fused = _fused(x, bits, axis, symmetric, "fake")
-    return fused if fused is not None else _fake_quantize_eager(x, bits, axis, symmetric)
+def _fake_quantize(x, bits, axis, symmetric, floor=0.0):
+    fused = _fused(x, bits, axis, symmetric, "fake", floor)
+    return fused if fused is not None else _fake_quantize_eager(x, bits, axis, symmetric, floor)
 
-def _fake_quantize_eager(x, bits, axis, symmetric):
+def _fake_quantize_eager(x, bits, axis, symmetric, floor=0.0):
     "Eq. (1) in eager ops: the reference the fused kernel below reproduces bit for bit."
     n, p = qrange(bits)
-    scale, zero = qparams(x, bits, axis, symmetric)
+    scale, zero = qparams(x, bits, axis, symmetric, floor)
     q = torch.round(x.float() / scale)
     if zero is None: return q.clamp_(n, p).mul_(scale).to(x.dtype)
     return q.sub_(zero).clamp_(n, p).add_(zero).mul_(scale).to(x.dtype)
 
 class _STE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bits, axis, symmetric): return _fake_quantize(x, bits, axis, symmetric)
+    def forward(ctx, x, bits, axis, symmetric, floor): return _fake_quantize(x, bits, axis, symmetric, floor)
     @staticmethod
-    def backward(ctx, g): return g, None, None, None
+    def backward(ctx, g): return g, None, None, None, None
 
-def fake_quantize(x: torch.Tensor, bits: int, axis: int | None = None, symmetric: bool = True) -> torch.Tensor:
-    "Quantize and de-quantize `x` (eq. 1): one scale per index along `axis` (None: per tensor); STE gradient."
+def fake_quantize(x: torch.Tensor, bits: int, axis: int | None = None, symmetric: bool = True, floor: float = 0.0) -> torch.Tensor:
+    "Quantize and de-quantize `x` (eq. 1): one scale per index along `axis` (None: per tensor), the range floored at `floor`; STE gradient."
     if not x.is_floating_point(): raise TypeError(f"fake_quantize needs a float tensor, got {x.dtype}")
-    if x.requires_grad and torch.is_grad_enabled(): return _STE.apply(x, bits, axis, symmetric)
-    return _fake_quantize(x, bits, axis, symmetric)
+    if x.requires_grad and torch.is_grad_enabled(): return _STE.apply(x, bits, axis, symmetric, floor)
+    return _fake_quantize(x, bits, axis, symmetric, floor)
 
 # %% ../nbs/00_quantizers.ipynb #3e1cac7c
 @dataclass(frozen=True)
@@ -146,13 +155,15 @@ def using_compile_policy(policy: CompilePolicy | None = None, **changes):
 _CODES = {"int8": torch.int8, "int16": torch.int16}   # outputs besides "fake": the codes' dtype
 _TINY = torch.finfo(torch.float32).tiny                # below it a scale is subnormal, rounded coarsely
 
-def _fused_body(x, n, p, dim: int, symmetric: bool, out: str, checked: bool):
-    "`qparams` then `_fake_quantize_eager` (`out='fake'`) or `quantize`, op for op, reducing `dim` of `x`; `n`, `p` 0-d fp32."
+def _fused_body(x, n, p, dim: int, symmetric: bool, out: str, checked: bool, floor=None):
+    "`qparams` then `_fake_quantize_eager` (`out='fake'`) or `quantize`, op for op, reducing `dim` of `x`; `n`, `p` (and a `floor`) 0-d fp32."
     xf = x.float()
-    if symmetric: s = xf.abs().amax(dim, keepdim=True) / p
+    if symmetric:
+        amax = xf.abs().amax(dim, keepdim=True)
+        s = (amax if floor is None else torch.maximum(amax, floor)) / p
     else:
         lo, hi = xf.amin(dim, keepdim=True).clamp(max=0), xf.amax(dim, keepdim=True).clamp(min=0)
-        s = (hi - lo) / (p - n)
+        s = ((hi - lo) if floor is None else torch.maximum(hi - lo, floor)) / (p - n)
     scale = torch.where(s > 0, s, torch.ones_like(s))
     q, zero, unsafe = torch.round(xf / scale), None, None
     if not symmetric:
@@ -167,14 +178,17 @@ def _fused_body(x, n, p, dim: int, symmetric: bool, out: str, checked: bool):
 _INDUCTOR = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}  # exact division on GPUs
 _KERNELS = {}
 
-def _kernel(kind: str, symmetric: bool, out: str, checked: bool):
-    "The compiled kernel of one variant (created on first use; inductor compiles it at its first call)."
-    key = (kind, symmetric, out, checked)
+def _kernel(kind: str, symmetric: bool, out: str, checked: bool, floored: bool = False):
+    "The compiled kernel of one variant (created on first use; inductor compiles it at its first call); `floored`: it takes a floor."
+    key = (kind, symmetric, out, checked, floored)
     if key not in _KERNELS:
         dim = 1 if kind == "rows" else 0
-        def fused(x, n, p): return _fused_body(x, n, p, dim, symmetric, out, checked)
+        if floored:
+            def fused(x, n, p, floor): return _fused_body(x, n, p, dim, symmetric, out, checked, floor)
+        else:
+            def fused(x, n, p): return _fused_body(x, n, p, dim, symmetric, out, checked)
         # a code object of its own: dynamo keeps compiled graphs, and its recompile limit, per code object
-        fused.__code__ = fused.__code__.replace(co_name=f"fused_{kind}_{'sym' if symmetric else 'asym'}_{out}{'_checked' * checked}")
+        fused.__code__ = fused.__code__.replace(co_name=f"fused_{kind}_{'sym' if symmetric else 'asym'}_{out}{'_checked' * checked}{'_floored' * floored}")
         _KERNELS[key] = torch.compile(fused, dynamic=True, fullgraph=True, options=_INDUCTOR)
     return _KERNELS[key]
 
@@ -200,7 +214,7 @@ _eager_numel = defaultdict(int)   # kind of call -> elements quantized eagerly s
 _ready = set()                    # kinds of call that run compiled
 _broken = {}                      # device type -> the exception compiling raised there
 
-def _fused(x, bits, axis, symmetric, out):
+def _fused(x, bits, axis, symmetric, out, floor=0.0):
     "The fused kernel's result for `x`, or None where the policy, device, dtype or layout calls for eager ops."
     pol, numel = _POLICY, x.numel()
     if not pol.enabled or numel < pol.min_numel or numel == 0 or x.dtype not in _FUSED_DTYPES: return None
@@ -219,7 +233,8 @@ def _fused(x, bits, axis, symmetric, out):
     checked = symmetric and dev == "cpu"   # reading a flag back costs nothing on a CPU (a sync on a GPU)
     try:
         with torch.no_grad(), torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext():
-            *res, unsafe = _kernel(kind, symmetric, out, checked)(v.detach(), _const(n, device), _const(p, device))
+            args = (v.detach(), _const(n, device), _const(p, device)) + ((_const(_check_floor(floor), device),) if floor else ())
+            *res, unsafe = _kernel(kind, symmetric, out, checked, bool(floor))(*args)
     except Exception as e:   # eager is always right: fall back for good on this device
         _broken[dev] = e
         warnings.warn(f"quantstudy: torch.compile of the fused quantizer failed on {dev} ({type(e).__name__}: {e}); "
@@ -243,16 +258,19 @@ _AXES = {  # role -> granularity -> axis of the 2-D tensor that keeps its own sc
     "grad":   {"tensor": None, "channel": 1, "token": 0},
     "moment": {"tensor": None, "channel": 0},
 }
+FLOORS = {"weight": 1e-5, "act": 1e-5, "grad": 1e-9, "moment": 1e-8}   # the authors' `minimum_range` of each role
 
 @dataclass(frozen=True)
 class QuantSpec:
-    "How one tensor is quantized: `bits` (2-16), `granularity` (tensor, channel, token), `symmetric`."
+    "How one tensor is quantized: `bits` (2-16), `granularity` (tensor, channel, token), `symmetric`, the range `floor` (None: the role's)."
     bits: int
     granularity: str = "tensor"
     symmetric: bool = True
+    floor: float | None = None   # smallest max|x| (or max - min) a scale is computed from; None: `FLOORS[role]`
 
     def __post_init__(self):
         qrange(self.bits)
+        if self.floor is not None: object.__setattr__(self, "floor", _check_floor(self.floor))
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity={self.granularity!r} is not supported: use one of {GRANULARITIES}")
         if not isinstance(self.symmetric, bool):
@@ -266,21 +284,33 @@ class QuantSpec:
                              f"use one of {tuple(_AXES[role])}")
         return _AXES[role][self.granularity]
 
+    def min_range(self, role: str) -> float:
+        "The floor of the range in `role`: `floor`, else the authors' default for the role (`FLOORS`)."
+        if role not in FLOORS: raise ValueError(f"role={role!r} is not one of {tuple(FLOORS)}")
+        return FLOORS[role] if self.floor is None else self.floor
+
     def __call__(self, x: torch.Tensor, role: str) -> torch.Tensor:
         "Fake-quantize the 2-D tensor `x` playing `role`."
-        return fake_quantize(x, self.bits, self.axis(role), self.symmetric)
+        return fake_quantize(x, self.bits, self.axis(role), self.symmetric, self.min_range(role))
+
+    def quantize(self, x: torch.Tensor, role: str):
+        "`(codes, scale, zero)` of the 2-D tensor `x` playing `role` (`quantize` with this spec's axis and floor)."
+        return quantize(x, self.bits, self.axis(role), self.symmetric, self.min_range(role))
 
     @property
     def name(self) -> str:
-        "Short label used in experiment names and tables, e.g. `8-channel` or `4-token-asym`."
-        return f"{self.bits}-{self.granularity}" + ("" if self.symmetric else "-asym")
+        "Short label used in experiment names and tables, e.g. `8-channel`, `4-token-asym`, `8-tensor-f0` (a floor of 0)."
+        return (f"{self.bits}-{self.granularity}" + ("" if self.symmetric else "-asym")
+                + ("" if self.floor is None else f"-f{self.floor:g}"))
 
     @classmethod
     def parse(cls, s: "str | QuantSpec | dict | None") -> "QuantSpec | None":
-        "A spec from its `name` (`'8-channel'`, `'4-token-asym'`), a dict of fields, or a spec (returned as is)."
+        "A spec from its `name` (`'8-channel'`, `'4-token-asym'`, `'8-tensor-f1e-06'`), a dict of fields, or a spec (returned as is)."
         if s is None or isinstance(s, QuantSpec): return s
         if isinstance(s, dict): return cls(**s)
-        parts = str(s).split("-")
-        if len(parts) not in (2, 3) or not parts[0].isdigit() or (len(parts) == 3 and parts[2] != "asym"):
-            raise ValueError(f"cannot parse quantizer {s!r}: write BITS-GRANULARITY[-asym], e.g. '8-channel'")
-        return cls(int(parts[0]), parts[1], len(parts) == 2)
+        m = re.fullmatch(r"(\d+)-([a-z]+)(-asym)?(?:-f([0-9.e+-]+))?", str(s))
+        if m is None:
+            raise ValueError(f"cannot parse quantizer {s!r}: write BITS-GRANULARITY[-asym][-fFLOOR], e.g. '8-channel'")
+        try: floor = None if m.group(4) is None else float(m.group(4))
+        except ValueError: raise ValueError(f"cannot parse the floor of quantizer {s!r}: write e.g. '8-tensor-f1e-06'") from None
+        return cls(int(m.group(1)), m.group(2), m.group(3) is None, floor)

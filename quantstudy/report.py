@@ -11,10 +11,11 @@ from matplotlib.figure import Figure
 from matplotlib import ticker
 
 # %% auto #0
-__all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER', 'TABLES', 'FIGURES', 'FIG12B_RUNS', 'DPI', 'AUTHORS_DEFAULTS',
-           'SETTINGS', 'row_label', 'curve_label', 'curve_style', 'TableLayout', 'FigureLayout', 'load_results',
-           'run_state', 'val_curve', 'row_values', 'table_rows', 'paper_cells', 'render_table', 'plot_validation',
-           'plot_tasks', 'quant_label', 'render_summary', 'report', 'fake_results']
+__all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'PAPER', 'TABLES', 'FIGURES', 'FIG12B_RUNS', 'DPI', 'TABLE1_COLUMNS',
+           'CROSS_RUN', 'AUTHORS_DEFAULTS', 'SETTINGS', 'row_label', 'curve_label', 'curve_style', 'TableLayout',
+           'FigureLayout', 'load_results', 'run_state', 'val_curve', 'evaluated', 'divergence_note', 'row_values',
+           'table_rows', 'paper_cells', 'render_table', 'protocol_notes', 'plot_validation', 'plot_tasks',
+           'render_table1', 'plot_analyses', 'quant_label', 'render_summary', 'report', 'fake_results']
 
 # %% ../nbs/10_report.ipynb #36afd6e4
 CITE = "Chitsaz et al. 2024"
@@ -25,7 +26,8 @@ _TASK_KEYS = {"lambada": ("lambada", "lambada_openai"), "sst2": ("sst2", "sst")}
 
 _BASE_PPL = (39.94, 34.32, 35.13, 44.03)
 _BASE_ACC = (33.31, 64.46, 49.82, 49.13, 52.06, 50.70, 46.14, 22.07, 36.17, 29.12, 43.30)
-PAPER = {  # table number -> experiment -> numbers, as printed in Chitsaz et al. 2024, Appendix C
+PAPER = {  # table number -> experiment -> numbers, as printed in Chitsaz et al. 2024, Appendix C (Table 1: A.3)
+    1: {"gpt2-openai": (33.3, 38.48, 24.67, 29.17, 35.86, 45.87), "baseline": (35.97, 34.80, 34.32, 39.94, 35.13, 44.03)},
     2: {"baseline": _BASE_PPL,
         "w4-tensor": (55.50, 46.70, 52.38, 59.14), "w4-channel": (56.43, 47.32, 38.18, 46.30),
         "w8-tensor": (48.52, 40.01, 37.02, 45.04), "w8-channel": (42.43, 35.94, 34.81, 43.47)},
@@ -63,12 +65,12 @@ PAPER = {  # table number -> experiment -> numbers, as printed in Chitsaz et al.
          "ptq-w8-tensor": (46.45, 39.23, 41.18, 52.15), "ptq-w8-channel": (40.15, 34.45, 35.23, 44.11)},
     11: {"baseline": _BASE_PPL,
          "ptq-a4-tensor": (None, None, None, None), "ptq-a4-channel": (14022.78, 17933.29, 13392.28, 8763.06),
-         "ptq-a8-tensor": (70.07, 58.45, 64.99, 149.35)},
+         "ptq-a8-tensor": (70.07, 58.45, 64.99, 149.35), "ptq-a8-channel": (40.09, 34.44, 35.43, 44.37)},
 }
 
 # %% ../nbs/10_report.ipynb #ab854901
 _GRAN = {"tensor": "per-tensor", "channel": "per-channel", "token": "per-token", "token-asym": "per-token asymmetric"}
-_SPECIAL = {"baseline": ("", "baseline"), "g8-token-input": ("8 bit", "per-token, input gradients too"),
+_SPECIAL = {"baseline": ("", "baseline"), "g8-token-input": ("8 bit", "per-token, on the input gradients"),
             "w8a8": ("8 bit", "W per-channel + A per-token"), "w8a8g8": ("8 bit", "W per-channel + A, G per-token")}
 
 def row_label(name: str) -> tuple[str, str]:
@@ -189,6 +191,21 @@ def val_curve(r: dict | None) -> tuple[list, list]:
            if isinstance(p.get("loss"), (int, float)) and math.isfinite(p["loss"])]
     return [s for s, _ in pts], [l for _, l in pts]
 
+def evaluated(r: dict | None) -> bool:
+    "Whether a run has numbers: it completed, or diverged and was evaluated at its last finite checkpoint."
+    return run_state(r) is None or bool(r and r.get("evaluated_checkpoint") and r.get("metrics"))
+
+def divergence_note(name: str, r: dict | None) -> str | None:
+    "The footnote of a run that diverged but was evaluated (the paper's protocol), else None."
+    if not r: return None
+    d = r.get("divergence") or {}
+    if r.get("status") == "complete" and d:
+        return (f"`{name}`: diverged at step {d.get('step', '?')} ({' '.join(str(d.get('reason')).split())[:120]}); "
+                f"trained on to step {r.get('step', '?')} and evaluated there, as the paper trains every run to the end")
+    if r.get("evaluated_checkpoint") and r.get("metrics"):
+        return f"`{name}`: stopped at step {r.get('step', '?')}: {_reason(r)}"
+    return None
+
 def _reason(r: dict) -> str:
     return " ".join(str(r.get("reason") or "no reason given").split())[:200]
 
@@ -223,14 +240,15 @@ def table_rows(layout: TableLayout, results: dict) -> tuple[list[list[str]], lis
     rows, skipped, notes = [], {}, []
     for name in layout.rows:
         r, state = results.get(name), run_state(results.get(name))
-        if state is None:
+        if (note := divergence_note(name, r)): notes.append(note)
+        if evaluated(r):
             vals = row_values(r, layout.kind)
             for col, v in zip(layout.columns, vals):
                 if isinstance(v, str): skipped.setdefault((col, v), []).append(name)
             cells = ["-" if isinstance(v, str) else _fmt(v) for v in vals]
         else:
             cells = [state] * len(layout.columns)
-            if r is not None: notes.append(f"`{name}`: {state}: {_reason(r)}")
+            if r is not None and r.get("status") != "complete": notes.append(f"`{name}`: {state}: {_reason(r)}")
         rows.append([*row_label(name), *cells, name])
     notes += [f"`-` {col}, {', '.join(f'`{n}`' for n in names)}: {why}" for (col, why), names in skipped.items()]
     return rows, notes
@@ -275,10 +293,61 @@ def render_table(layout: TableLayout, results: dict, study: str) -> tuple[str, s
     else: md_rows, csv_rows, csv_header = rows, rows, header
     what = "perplexity (`metrics.perplexity`, token-weighted)" if layout.kind == "ppl" else "accuracy in % (`metrics.tasks`); Average: over the tasks a row has"
     if layout.number in (10, 11): notes.append("`per-column` is the paper's name for per-channel PTQ (our `ptq-*-channel`).")
+    notes += protocol_notes(results, layout.kind)
     md = (f"# Table {layout.number}: {layout.title}\n\n{_study_line(study, results, f'Table {layout.number}')}\n"
           f"Metric: {what}.\n\n" + _md_table(header, md_rows, right=cols))
     if notes: md += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in notes)
     return md, _csv(csv_header, csv_rows)
+
+# %% ../nbs/10_report.ipynb #ad0d8a5d
+_FLOORS_NOTE = ("scale floors (the authors' `minimum_range`): max|x| >= 1e-5 for weights and activations, 1e-9 for gradients, "
+                "1e-8 for optimizer states")
+
+def _values(results: dict, get) -> list:
+    "The distinct values `get(results.json)` takes over the runs (errors and None skipped), in order."
+    out = []
+    for r in results.values():
+        try: v = get(r)
+        except (KeyError, TypeError, AttributeError, IndexError): v = None
+        if v is not None and v not in out: out.append(v)
+    return out
+
+def protocol_notes(results: dict, kind: str) -> list[str]:
+    "Footnotes that state how the numbers were measured: the texts, the seeds and their spread, the split, the floors, which moments."
+    notes = []
+    if kind == "ppl":
+        texts = {}
+        for r in results.values():
+            for k, t in (((r.get("metrics") or {}).get("perplexity_text")) or {}).items(): texts.setdefault(k, t)
+        src = lambda k, default: texts.get(k, {}).get("source", default)
+        notes.append("Texts (the authors' protocol): the test sets' hub rows joined with `\\n\\n`, scored in non-overlapping "
+                     "windows of the model's context; WikiText103 = `wikitext-103-v1`, WikiText2 = `wikitext-2-v1` (the tokenized "
+                     f"sets, with `<unk>`): {src('wikitext103', 'wikitext-103/wiki.test.tokens')}, {src('wikitext2', 'wikitext-2/wiki.test.tokens')}; "
+                     f"PTB: {src('ptb', 'ptb/ptb.test.txt')}. Per-tensor and per-channel activation models are scored one window at a time.")
+        lm1b = src("lm1b", None)
+        notes.append(f"1BW: {lm1b}. " if lm1b else "1BW: ")
+        notes[-1] += ("The local file `1bw/1b_benchmark.test.tokens` is heldout shards 12-13, not the standard test shard 0 "
+                      "(`news.en.heldout-00000-of-00050`, see `shared/data/1bw/PROVENANCE.md`); the hub's `lm1b` test split is the "
+                      "standard one, so only a hub run is comparable with the paper's 1BW column.")
+    else:
+        seeds = _values(results, lambda r: tuple(r["config"]["evals"]["downstream"]["seeds"]))
+        notes.append(f"Downstream: 5-shot lm-eval accuracy, the mean over few-shot seeds {'; '.join(', '.join(map(str, s)) for s in seeds) or '-'} "
+                     "(the authors average 5 seeds: 42, 1234, 1337, 2024, 1357); the spread kept in results.json (`std`) is the "
+                     "population standard deviation (ddof=0, the authors' `np.std`). A task skipped offline (no faithful local data) "
+                     "is `-` with its reason below, and the Average is over the tasks a row has.")
+    moments = _values(results, lambda r: "embeddings too" if ((r["config"]["recipe"] or {}).get("optim") or {}).get("embeddings") else None)
+    notes.append("Training: Adam's moments, where quantized, on the linear layers' weights only (the tied embedding/LM head and "
+                 f"the position embedding keep fp32 moments{'; runs marked `_emb`: ' + moments[0] if moments else ''}); "
+                 + _FLOORS_NOTE + ".")
+    split = _values(results, lambda r: (r["config"]["train"].get("val_fraction"), r["config"]["train"].get("val_seed"))
+                    if r["config"]["train"].get("corpus", "").startswith("openwebtext") else None)
+    if split:
+        shown = "; ".join(f"{100 * (f if f is not None else 0.005):g}% held out, seed {s if s is not None else 2345}" for f, s in split)
+        notes.append(f"OpenWebText validation split: {shown} (the paper's text says 0.5%; the authors' code holds out 0.05%, seed 2345).")
+    stop = _values(results, lambda r: r["config"]["train"].get("stop_on_divergence"))
+    if False in stop: notes.append("Divergent runs trained on to `max_steps` and were evaluated, as in the paper (their divergence step is noted).")
+    if True in stop: notes.append("Runs of a preset with early stopping (`stop_on_divergence`) stop at a divergence and are not evaluated.")
+    return notes
 
 # %% ../nbs/10_report.ipynb #31b8f324
 DPI = 110
@@ -325,8 +394,8 @@ def plot_tasks(layout: FigureLayout, results: dict, path, study: str = "") -> Pa
     bars, absent = {}, {}
     for name in ("baseline", *layout.runs):
         r, state = results.get(name), run_state(results.get(name))
-        vals = {} if state else dict(zip([*TASK_COLUMNS.values(), "Average"], row_values(r, "tasks")))
-        if state or all(isinstance(v, str) for v in vals.values()): absent.setdefault(state or "no task evaluated", []).append(name)
+        vals = {} if not evaluated(r) else dict(zip([*TASK_COLUMNS.values(), "Average"], row_values(r, "tasks")))
+        if not vals or all(isinstance(v, str) for v in vals.values()): absent.setdefault(state or "no task evaluated", []).append(name)
         else: bars[name] = vals
     notes = [f"{state}: {', '.join(names)}" for state, names in absent.items()]
     cols = [c for c in [*TASK_COLUMNS.values(), "Average"] if any(not isinstance(v[c], str) for v in bars.values())]
@@ -349,6 +418,66 @@ def plot_tasks(layout: FigureLayout, results: dict, path, study: str = "") -> Pa
     fig.tight_layout(rect=(0, 0.04 + 0.025 * len(notes), 1, 1))
     fig.savefig(path, format="png", metadata=_PNG_META)
     return Path(path)
+
+# %% ../nbs/10_report.ipynb #ffebb03f
+TABLE1_COLUMNS = ("LAMBADA (accuracy)", "LAMBADA (ppl)", "WikiText2 (ppl)", "WikiText103 (ppl)", "PTB (ppl)", "1BW (ppl)")
+
+def _table1_values(r: dict) -> list:
+    "Table 1's numbers of a run: LAMBADA accuracy (%) and perplexity, then WT-2, WT-103, PTB, 1BW; a `str` where absent."
+    m = r.get("metrics") or {}
+    lam, ppl = m.get("lambada") or {}, m.get("perplexity") or {}
+    num = lambda v: v if isinstance(v, (int, float)) else "not evaluated"
+    return [num(100 * lam["acc"]) if isinstance(lam.get("acc"), (int, float)) else "not evaluated", num(lam.get("ppl")),
+            *(num(ppl.get(k)) for k in ("wikitext2", "wikitext103", "ptb", "lm1b"))]
+
+def render_table1(results: dict, study: str) -> tuple[str, str]:
+    "Table 1: the baseline against OpenAI's GPT-2 124M (`gpt2-openai`, the hub's `gpt2`) on the same evaluations; md and csv."
+    rows, notes = [], []
+    for name, label in (("gpt2-openai", "OpenAI GPT-2 124M (pre-trained)"), ("baseline", "Baseline")):
+        r = results.get(name)
+        if evaluated(r): cells = ["-" if isinstance(v, str) else _fmt(v) for v in _table1_values(r)]
+        elif name == "gpt2-openai":
+            cells = ["not available offline" if r is None or r.get("status") == "failed" else run_state(r)] * len(TABLE1_COLUMNS)
+            notes.append("`gpt2-openai`: OpenAI's checkpoint comes from the hub (`gpt2`) or `<data root>/models/gpt2`; "
+                         + (f"its run failed: {_reason(r)}" if r else "run `quantstudy run gpt2-openai` where either is reachable") + ".")
+        else: cells = [run_state(r)] * len(TABLE1_COLUMNS)
+        rows.append([label, *cells, name])
+    header = ["model", *TABLE1_COLUMNS, "experiment"]
+    if study == "paper":
+        paper = [[_fmt(v) for v in PAPER[1][r[-1]]] for r in rows]
+        md_rows = [[r[0], *(f"{a} / {b}" for a, b in zip(r[1:-1], p)), r[-1]] for r, p in zip(rows, paper)]
+        csv_rows, csv_header = [[*r[:-1], *p, r[-1]] for r, p in zip(rows, paper)], [*header[:-1], *(f"{c} (paper)" for c in TABLE1_COLUMNS), "experiment"]
+    else: md_rows, csv_rows, csv_header = rows, rows, header
+    notes += protocol_notes(results, "ppl")[:2]
+    md = (f"# Table 1: Comparison of the baseline and OpenAI's pre-trained GPT-2 124M\n\n"
+          f"{_study_line(study, results, 'Table 1')}\nMetric: LAMBADA accuracy in % and perplexity (`metrics.lambada`), "
+          "perplexities (`metrics.perplexity`).\n\n" + _md_table(header, md_rows, right=TABLE1_COLUMNS))
+    md += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in notes)
+    return md, _csv(csv_header, csv_rows)
+
+CROSS_RUN = {  # analysis -> (figure file, the runs drawn together, first the baseline)
+    "sharpness": ("fig05_sharpness.png", ("baseline", "w4-tensor", "w4-channel", "w8-tensor", "w8-channel")),
+    "activations": ("fig06_activations.png", ("baseline", "a4-token", "a4-channel")),
+    "outliers": ("fig08_right_outliers.png", ("baseline", "a4-channel")),
+    "gradients": ("fig10_bottom_gradients.png", ("g8-token", "g8-token-input")),
+    "second_moment": ("fig12_right_second_moment.png", ("baseline", "v8-tensor", "v8-channel")),
+}
+
+def plot_analyses(results: dict, out_dir, study: str = "") -> list[Path]:
+    "The cross-run analysis figures (Figs. 5, 6, 8 right, 10 bottom, 12 right) from the runs' `results.json` analysis data."
+    from quantstudy.analysis import ANALYSES   # torch and transformers: imported only to draw
+    import matplotlib.pyplot as plt
+    paths = []
+    for name, (file, order) in CROSS_RUN.items():
+        data = lambda n: ((results[n].get("analysis") or {}).get(name) or {}).get("data")
+        runs = {n: data(n) for n in [*order, *sorted(results)] if n in results and isinstance(data(n), dict)}
+        if not runs: continue
+        fig = ANALYSES[name][1]({curve_label(n) if n in order else n: d for n, d in runs.items()})
+        if study: fig.text(0.01, 0.002, f"study {study}: {', '.join(runs)}", fontsize=7, color="0.3")
+        fig.savefig(Path(out_dir) / file, dpi=DPI, metadata=_PNG_META, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(Path(out_dir) / file)
+    return paths
 
 # %% ../nbs/10_report.ipynb #84fbc217
 AUTHORS_DEFAULTS = {  # option -> (how to read it from config, the authors' code's value)
@@ -374,7 +503,9 @@ def quant_label(config: dict) -> str:
     rec, parts = config.get("recipe") or {}, []
     lin, opt = rec.get("linear") or {}, rec.get("optim") or {}
     for key, tag in (("weight", "W"), ("act", "A"), ("grad", "G")):
-        if lin.get(key): parts.append(f"{tag} {_spec(lin[key])}" + (" (+input grads)" if key == "grad" and lin.get("grad_input") else ""))
+        where = {(True, True): " (weight and input grads)", (False, True): " (input grads only)"}.get(
+            (lin.get("grad_weight", True), bool(lin.get("grad_input"))), "") if key == "grad" else ""
+        if lin.get(key): parts.append(f"{tag} {_spec(lin[key])}{where}")
     if lin.get("backward") not in (None, "paper"): parts.append(f"backward {lin['backward']}")
     parts += [f"{k.upper()} {_spec(opt[k])}" for k in ("m", "v") if opt.get(k)]
     ptq = config.get("ptq") or {}
@@ -433,11 +564,13 @@ def render_summary(study: str, results: dict) -> str:
            "The options these runs used, against the authors' code's defaults:\n\n"
            + _md_table(["option", "used", "authors' code", "authors' default"], opts))
     other = [[k, _values_text(_by_value(results, lambda c, k=k: c["train"].get(k)))] for k in SETTINGS]
-    return md + "\nOther settings:\n\n" + _md_table(["setting", "used"], other)
+    md += "\nOther settings:\n\n" + _md_table(["setting", "used"], other)
+    protocol = list(dict.fromkeys(protocol_notes(results, "ppl") + protocol_notes(results, "tasks")))
+    return md + "\n## How the numbers were measured\n\n" + "".join(f"- {n}\n" for n in protocol)
 
 # %% ../nbs/10_report.ipynb #455438bb
 def report(study: str, runs_root="papermill_runs", out_root="figures") -> list[Path]:
-    "Write the figures, Tables 2-11 (md + csv) and `summary.md` of `runs_root/study` into `out_root/study`; return the paths."
+    "Write the figures (validation curves, the cross-run analyses), Tables 1-11 (md + csv), `summary.md` and `scorecard.md` of `runs_root/study` into `out_root/study`; return the paths."
     from quantstudy.runner import check_name, inside
     src = Path(runs_root) / check_name("study", study)   # a plain name: `../x` reaches neither outside runs_root nor out_root
     if not src.is_dir(): raise FileNotFoundError(f"no results directory {src} for study {study!r}")
@@ -449,11 +582,12 @@ def report(study: str, runs_root="papermill_runs", out_root="figures") -> list[P
     for f in FIGURES:
         paths.append(plot_validation(f, results, out / f"{f.stem}.png", study))
         if f.tasks: paths.append(plot_tasks(f, results, out / f"{f.stem}_tasks.png", study))
-    for t in TABLES:
-        md, text = render_table(t, results, study)
+    paths += plot_analyses(results, out, study)
+    for stem, (md, text) in [("table01_baseline_vs_gpt2", render_table1(results, study)),
+                             *((t.stem, render_table(t, results, study)) for t in TABLES)]:
         for ext, body in (("md", md), ("csv", text)):
-            (out / f"{t.stem}.{ext}").write_text(body, encoding="utf-8")
-            paths.append(out / f"{t.stem}.{ext}")
+            (out / f"{stem}.{ext}").write_text(body, encoding="utf-8")
+            paths.append(out / f"{stem}.{ext}")
     (out / "summary.md").write_text(render_summary(study, results), encoding="utf-8")
     from quantstudy.scorecard import write_scorecard   # here, not at the top: the scorecard reads results with this module
     return paths + [out / "summary.md", write_scorecard(study, runs_root, out_root)]
@@ -470,7 +604,8 @@ def _fake_recipe(name: str) -> tuple[dict, dict | None]:
     if name.startswith("ptq-"): ptq = {{"w": "weight", "a": "act"}[core[0]]: spec(core[1:])}
     elif name in ("w8a8", "w8a8g8"): lin = dict(weight=spec("8-channel"), act=spec("8-token"), grad=spec("8-token") if name == "w8a8g8" else None)
     elif core[:1] in ("w", "a", "g"):
-        lin = {{"w": "weight", "a": "act", "g": "grad"}[core[0]]: spec(core[1:].removesuffix("-input")), "grad_input": name.endswith("-input")}
+        lin = {{"w": "weight", "a": "act", "g": "grad"}[core[0]]: spec(core[1:].removesuffix("-input")), "grad_input": name.endswith("-input"),
+               "grad_weight": not name.endswith("-input")}
     elif core[:1] in ("m", "v"): opt = {core[0]: core[1:]}
     return dict(linear=lin or None, optim=opt or None, modules="all-linear"), ptq
 

@@ -18,14 +18,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.pytorch_utils import Conv1D
 from .model import SIZES, Recipe, build_model, save_model
 from .qlinear import QuantConv1D
-from .optim import QAdamW
+from .optim import OptimQuant, QAdamW
 from .data import BlockDataset, load_tokenizer, tokenize_corpus
 
 # %% auto #0
-__all__ = ['FIELD_RULES', 'PRESETS', 'CHECKPOINT_JSON', 'CHECKPOINT_TORCH', 'check_model_fields', 'TrainConfig', 'preset',
-           'use_bf16', 'tune_cpu_allocator', 'DivergenceCallback', 'write_json', 'curves_from_history',
+__all__ = ['FIELD_RULES', 'PRESETS', 'CHECKPOINT_JSON', 'CHECKPOINT_TORCH', 'SNAPSHOTS', 'check_model_fields', 'TrainConfig',
+           'preset', 'use_bf16', 'tune_cpu_allocator', 'DivergenceCallback', 'write_json', 'curves_from_history',
            'CurvesCallback', 'ProgressLines', 'checkpoint_problem', 'checkpoints', 'last_checkpoint',
-           'resume_checkpoint', 'make_optimizer', 'training_args', 'datasets_for', 'train', 'write_run_config', 'main']
+           'resume_checkpoint', 'SnapshotCallback', 'snapshots', 'finite_weights', 'last_finite_checkpoint',
+           'make_optimizer', 'training_args', 'datasets_for', 'train', 'write_run_config', 'main']
 
 # %% ../nbs/05_train.ipynb #3585fff8
 def _int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)   # JSON `true` is not a step count
@@ -124,6 +125,10 @@ class TrainConfig:
     diverge_loss: float | None = None       # an eval loss above this is divergent; None: ln(vocab size)
     diverge_rise: float = 1.0               # ... or this far above the best eval loss so far
     diverge_patience: int = 2               # for this many evaluations in a row
+    stop_on_divergence: bool = True         # False (the paper): record a divergence and train on to max_steps
+    val_fraction: float | None = None       # held-out corpora (OpenWebText): the validation fraction; None: the corpus's 0.5%
+    val_seed: int | None = None             # ... and the seed of that split; None: the authors' 2345
+    snapshot_every: int | None = None       # keep the weights every this many steps in snapshots/ (the analyses of Figs. 6, 10)
 
     def __post_init__(self):
         for k, (ok, allowed) in FIELD_RULES.items():   # every field: its type and range, in one line each
@@ -156,7 +161,8 @@ PRESETS = {
     # Appendix A.1 and the authors' code: 300k steps of 512 x 1024 tokens of OpenWebText.
     "paper": TrainConfig(size="small", corpus="openwebtext", val_split="validation", block_size=1024,
                          batch_size=512, micro_batch_size=16, max_steps=300_000, warmup_steps=1000,
-                         eval_every=1000, eval_blocks=200, log_every=100, save_every=1000),
+                         eval_every=1000, eval_blocks=200, log_every=100, save_every=1000,
+                         stop_on_divergence=False),   # every run trained to 300k steps and evaluated, as the paper did
     # Minutes on a 2-core CPU: the same recipe, shrunk, on Penn Treebank.
     # The 50257-way output layer is most of the cost at this size, so depth is cheap and width is not.
     "smoke": TrainConfig(size="tiny", model=dict(n_layer=4, n_head=4, n_embd=128), corpus="ptb",
@@ -190,26 +196,29 @@ def tune_cpu_allocator():
 
 # %% ../nbs/05_train.ipynb #03017b71
 class DivergenceCallback(TrainerCallback):
-    "Stop a run whose loss is not finite or stays above a bound; record the step and the reason."
-    def __init__(self, bound: float, rise: float = 1.0, patience: int = 2):
-        self.bound, self.rise, self.patience = bound, rise, patience
-        self.best, self.bad, self.diverged = math.inf, 0, None
+    "Record the first step where the loss is not finite or stays above a bound, and why; stop there if `stop` (always if not finite)."
+    def __init__(self, bound: float, rise: float = 1.0, patience: int = 2, stop: bool = True):
+        self.bound, self.rise, self.patience, self.stop = bound, rise, patience, stop
+        self.best, self.bad, self.diverged, self.stopped, self.nonfinite = math.inf, 0, None, False, False
 
-    def _stop(self, control, step, reason):
-        self.diverged = dict(step=step, reason=reason)
-        control.should_training_stop = True
-        control.should_save = True  # keep the state it diverged in: the analyses read it (e.g. the zero bin of v, Fig. 12)
+    def _stop(self, control, step, reason, nonfinite: bool = False):
+        if self.diverged is None: self.diverged = dict(step=step, reason=reason)   # the first divergence is the one reported
+        if nonfinite and not self.nonfinite: self.nonfinite, self.diverged["nonfinite"] = True, dict(step=step, reason=reason)
+        if (self.stop or nonfinite) and not self.stopped:   # a NaN cannot be trained on
+            self.stopped = True
+            control.should_training_stop = True
+            control.should_save = True  # keep the state it diverged in: the analyses read it (e.g. the zero bin of v, Fig. 12)
         return control
 
     def on_log(self, args, state, control, logs=None, **kw):
         for k in ("loss", "eval_loss", "grad_norm"):
             if logs and k in logs and not math.isfinite(logs[k]):
-                return self._stop(control, state.global_step, f"{k} is {logs[k]} at step {state.global_step}")
+                return self._stop(control, state.global_step, f"{k} is {logs[k]} at step {state.global_step}", nonfinite=True)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         loss = (metrics or {}).get("eval_loss")
         if loss is None: return
-        if not math.isfinite(loss): return self._stop(control, state.global_step, f"eval_loss is {loss}")
+        if not math.isfinite(loss): return self._stop(control, state.global_step, f"eval_loss is {loss}", nonfinite=True)
         bound = min(self.bound, self.best + self.rise)
         self.bad = self.bad + 1 if loss > bound else 0
         self.best = min(self.best, loss)
@@ -302,17 +311,59 @@ def resume_checkpoint(out_dir, resume: bool = True, log=print) -> Path | None:
     if resume and keep is not None and rank0: log(f"resume: from {keep.name}")
     return keep if resume else None
 
+SNAPSHOTS = "snapshots"   # run_dir/snapshots/step-N: the weights (and config) of sparse steps, kept for the analyses
+
+class SnapshotCallback(TrainerCallback):
+    "Copy the weights of each checkpoint at a multiple of `every` steps into `snapshots/step-N` (checkpoints rotate; these stay)."
+    def __init__(self, out_dir, every: int):
+        if not isinstance(every, int) or every < 1: raise ValueError(f"snapshot_every={every!r} must be a positive int")
+        self.dir, self.every = Path(out_dir) / SNAPSHOTS, every
+
+    def on_save(self, args, state, control, **kw):
+        step = state.global_step
+        ck = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if step % self.every or not state.is_world_process_zero or not ck.is_dir(): return
+        dst = self.dir / f"step-{step}"
+        if dst.is_dir(): return
+        tmp = self.dir / f".step-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+        for f in ck.iterdir():
+            if f.suffix in (".safetensors", ".json") and f.name.startswith(("model", "config", "generation")): shutil.copy2(f, tmp / f.name)
+        os.replace(tmp, dst)   # a snapshot is complete or absent
+
+def snapshots(out_dir) -> dict[int, Path]:
+    "The analysis snapshots of a run (`snapshots/step-N` with weights), by step."
+    d = Path(out_dir) / SNAPSHOTS
+    found = [p for p in d.glob("step-*") if (p / "config.json").is_file()] if d.is_dir() else []
+    return dict(sorted((int(p.name.split("-", 1)[1]), p) for p in found))
+
+def finite_weights(ckpt) -> bool:
+    "True if every tensor of the checkpoint directory `ckpt` (its safetensors files) is finite."
+    from safetensors.torch import load_file
+    files = sorted(Path(ckpt).glob("*.safetensors"))
+    return bool(files) and all(bool(torch.isfinite(t).all()) for f in files for t in load_file(f).values() if t.is_floating_point())
+
+def last_finite_checkpoint(out_dir) -> Path | None:
+    "The newest complete checkpoint of `out_dir` whose weights are all finite, or None."
+    return next((p for _, p in sorted(checkpoints(out_dir).items(), reverse=True) if finite_weights(p)), None)
+
+
+
 # %% ../nbs/05_train.ipynb #ac4a0a06
 def make_optimizer(model, cfg: TrainConfig, recipe: Recipe | None = None):
-    "`QAdamW` with decoupled weight decay on matrices only and the recipe's moment quantization, and its schedule."
+    "`QAdamW` with decoupled weight decay on matrices only and the recipe's moment quantization (linear-layer weights; embeddings if asked), and its schedule."
     decay = set(Trainer.get_decay_parameter_names(None, model))  # a method that does not use `self`
     in_out = {id(m.weight) for m in model.modules() if isinstance(m, (Conv1D, QuantConv1D))}
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}   # wte (= the tied head), wpe
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [dict(params=[p for n, p in named if n in decay and id(p) not in in_out], weight_decay=cfg.weight_decay),
-              dict(params=[p for n, p in named if n in decay and id(p) in in_out], weight_decay=cfg.weight_decay, channel_dim=1),
+    oq = OptimQuant.parse(recipe.optim if recipe is not None else None)
+    linear = [p for n, p in named if n in decay and id(p) not in embedding]
+    groups = [dict(params=[p for p in linear if id(p) not in in_out], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in linear if id(p) in in_out], weight_decay=cfg.weight_decay, channel_dim=1),
+              dict(params=[p for n, p in named if n in decay and id(p) in embedding], weight_decay=cfg.weight_decay,
+                   quantize_moments=oq.embeddings),   # the authors quantize linear-layer weights' moments only
               dict(params=[p for n, p in named if n not in decay], weight_decay=0.0)]
-    opt = QAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                 optim_quant=recipe.optim if recipe is not None else None)
+    opt = QAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, optim_quant=oq)
     return opt, get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
 
 # %% ../nbs/05_train.ipynb #be2d4176
@@ -340,8 +391,9 @@ def training_args(cfg: TrainConfig, out_dir, eval_on_start: bool = True) -> Trai
 def datasets_for(cfg: TrainConfig, tokenizer=None):
     "Train and validation `BlockDataset`s of `cfg`'s corpus (tokenized once, cached)."
     tok = tokenizer or load_tokenizer(cfg.data_dir)
-    train = tokenize_corpus(cfg.corpus, cfg.train_split, tok, data_dir=cfg.data_dir, eos=cfg.eos)
-    val = tokenize_corpus(cfg.corpus, cfg.val_split, tok, data_dir=cfg.data_dir, eos=cfg.eos)
+    split = dict(heldout=cfg.val_fraction, seed=cfg.val_seed)   # a held-out corpus's split (None: its own defaults)
+    train = tokenize_corpus(cfg.corpus, cfg.train_split, tok, data_dir=cfg.data_dir, eos=cfg.eos, **split)
+    val = tokenize_corpus(cfg.corpus, cfg.val_split, tok, data_dir=cfg.data_dir, eos=cfg.eos, **split)
     if cfg.max_train_tokens: train = train[:cfg.max_train_tokens]
     if cfg.eval_blocks: val = val[:cfg.eval_blocks * cfg.block_size + 1]
     return BlockDataset(train, cfg.block_size), BlockDataset(val, cfg.block_size)
@@ -361,17 +413,30 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
                         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **cfg.model)
     opt, sched = make_optimizer(model, cfg, recipe)
     bound = cfg.diverge_loss if cfg.diverge_loss is not None else math.log(model.config.vocab_size)
-    diverge = DivergenceCallback(bound, cfg.diverge_rise, cfg.diverge_patience)
+    diverge = DivergenceCallback(bound, cfg.diverge_rise, cfg.diverge_patience, stop=cfg.stop_on_divergence)
     ckpt = resume_checkpoint(out_dir, resume)
     trainer = Trainer(model=model, args=training_args(cfg, out_dir, eval_on_start=ckpt is None), train_dataset=train_ds,
                       eval_dataset=val_ds, optimizers=(opt, sched),
-                      callbacks=[diverge, CurvesCallback(out_dir / "curves.json"), *callbacks])
+                      callbacks=[diverge, CurvesCallback(out_dir / "curves.json"),
+                                 *([SnapshotCallback(out_dir, cfg.snapshot_every)] if cfg.snapshot_every else []), *callbacks])
     t0 = time.time()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    if trainer.state.global_step % cfg.eval_every and not diverge.diverged:
+    if trainer.state.global_step % cfg.eval_every and not diverge.stopped:
         trainer.evaluate()  # the final point of the validation curve
-    result = dict(status="diverged" if diverge.diverged else "complete", step=trainer.state.global_step,
-                  reason=(diverge.diverged or {}).get("reason"), resumed_from=ckpt.name if ckpt else None,
+    evaluated = None   # the paper's protocol, after a NaN: the last finite checkpoint is the model that is evaluated
+    if diverge.stopped and diverge.nonfinite and not cfg.stop_on_divergence:
+        evaluated = last_finite_checkpoint(out_dir)
+        if evaluated is not None:
+            from safetensors.torch import load_file
+            state = {k: v for f in sorted(evaluated.glob("*.safetensors")) for k, v in load_file(f).items()}
+            trainer.model.load_state_dict(state, strict=False)   # the tied head is the embedding: absent from the file
+    reason = (diverge.diverged or {}).get("reason")
+    if diverge.stopped and diverge.nonfinite and not cfg.stop_on_divergence:
+        reason = (f"{diverge.diverged['nonfinite']['reason']}: " + (f"evaluated at {evaluated.name}, the last checkpoint with finite weights"
+                  if evaluated is not None else "no checkpoint with finite weights to evaluate"))
+    result = dict(status="diverged" if diverge.stopped else "complete", step=trainer.state.global_step,
+                  reason=reason, divergence=diverge.diverged, evaluated_checkpoint=evaluated.name if evaluated else None,
+                  resumed_from=ckpt.name if ckpt else None,
                   config=cfg.to_dict(), recipe=recipe.to_dict() if recipe is not None else None,
                   curves=curves_from_history(trainer.state.log_history),
                   timings=dict(train_seconds=time.time() - t0, **{k: v for k, v in out.metrics.items() if "runtime" in k or "per_second" in k}),

@@ -58,7 +58,7 @@ class Reference(torch.optim.Optimizer):
                 p.addcdiv_(s["m"], denom, value=-(g["lr"] / (1 - b1 ** s["t"])))
                 for key, spec in (("m", self.oq.m), ("v", self.oq.v)):
                     if spec is not None and p.dim() == 2:
-                        s[key] = fake_quantize(s[key], spec.bits, spec.axis("moment"), spec.symmetric)
+                        s[key] = spec(s[key], "moment")   # its axis and floor
         return loss
 
 def plain(obj):
@@ -222,21 +222,22 @@ def test_pack4_layout():
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 7), st.integers(1, 9), st.sampled_from([2, 3, 4, 8, 12, 16]),
-       st.sampled_from(["tensor", "channel"]), st.booleans(), st.integers(0, 2 ** 16), st.sampled_from([1e-12, 1e-3, 1.0, 1e4]))
-def test_encode_equals_quantize(k, r, c, bits, gran, symmetric, seed, scale):
+       st.sampled_from(["tensor", "channel"]), st.booleans(), st.integers(0, 2 ** 16), st.sampled_from([1e-12, 1e-3, 1.0, 1e4]),
+       st.sampled_from([None, 0.0]))
+def test_encode_equals_quantize(k, r, c, bits, gran, symmetric, seed, scale, floor):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(k, r, c, generator=g) * scale
     x[0, 0] = 0                                # an all-zero row
     if symmetric and seed % 3 == 0: x = x.square()   # v-like, non-negative
-    spec = QuantSpec(bits, gran, symmetric)
+    spec = QuantSpec(bits, gran, symmetric, floor)   # None: the moment floor 1e-8 (binds at scale 1e-12); 0: none
     q, s, z = _encode_(x.clone(), spec)
     deq = _decode(_code_tensor(q, bits), s, z, bits, (r, c))
     for i in range(k):
-        codes, ref_s, ref_z = quantize(x[i], bits, spec.axis("moment"), symmetric)
+        codes, ref_s, ref_z = spec.quantize(x[i], "moment")
         assert torch.equal(q[i].view(r, c), codes.float())
         assert torch.equal(s[i], ref_s.expand_as(s[i]))
         assert (z is None) == (ref_z is None) and (z is None or torch.equal(z[i], ref_z.expand_as(z[i])))
-        assert torch.equal(deq[i], fake_quantize(x[i], bits, spec.axis("moment"), symmetric))
+        assert torch.equal(deq[i], spec(x[i], "moment"))
 
 # --- specs and arguments ------------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ def test_files_written(smoke):
     names = [p.name for p in paths]
     assert len(names) == len(set(names)) and all(p.parent == out / "smoke" and p.exists() for p in paths)
     expected = {f"{f.stem}.png" for f in FIGURES} | {f"{f.stem}_tasks.png" for f in FIGURES if f.tasks}
-    expected |= {f"{t.stem}.{e}" for t in TABLES for e in ("md", "csv")} | {"summary.md", "scorecard.md"}
+    expected |= {f"{t.stem}.{e}" for t in TABLES for e in ("md", "csv")} | {"summary.md", "scorecard.md", "table01_baseline_vs_gpt2.md", "table01_baseline_vs_gpt2.csv"}
     assert set(names) == expected
     assert {"fig04_weights.png", "fig04_weights_tasks.png", "fig08_a4_channel.png", "fig13_combined.png",
             "table02_weights_ppl.csv", "table06_weights_tasks.md", "table10_ptq_weights.md", "table11_ptq_activations.csv"} <= expected
@@ -109,7 +109,7 @@ def test_paper_study_shows_paper_numbers(tmp_path):
                     "WikiText2 (paper)", "PTB (paper)", "1BW (paper)", "experiment"]
     assert rows[0][6:10] == ["39.94", "34.32", "35.13", "44.03"] and rows[1][6:10] == ["55.50", "46.70", "52.38", "59.14"]
     t11 = read_csv(out / "table11_ptq_activations.csv")
-    assert t11[2][6:10] == ["-"] * 4 and t11[5][6:10] == ["n/a"] * 4               # the paper's dash; a row it lacks
+    assert t11[2][6:10] == ["-"] * 4 and t11[5][6:10] == ["40.09", "34.44", "35.43", "44.37"]   # the paper's dash; its last row
     t7 = read_csv(out / "table07_activations_tasks.csv")
     assert t7[0][13:24] == [f"{c} (paper)" for c in [*TASK_COLUMNS.values(), "Average"]] and t7[3][13:24] == \
         [f"{v:.2f}" for v in PAPER[7]["a4-token-asym"]]
@@ -160,7 +160,7 @@ def read_csv_text(text: str) -> list[list[str]]: return list(csv.reader(text.spl
 def test_labels_and_validation():
     assert row_label("a4-token-asym") == ("4 bit", "per-token asymmetric") and row_label("ptq-a4-channel") == ("4 bit", "per-column")
     assert quant_label(fake_results("w8a8g8")["config"]) == "W 8-channel, A 8-token, G 8-token"
-    assert quant_label(fake_results("g8-token-input")["config"]) == "G 8-token (+input grads)"
+    assert quant_label(fake_results("g8-token-input")["config"]) == "G 8-token (input grads only)"
     assert quant_label(fake_results("m4-channel")["config"]) == "M 4-channel" and quant_label(fake_results("baseline")["config"]) == "none"
     with pytest.raises(ValueError, match="status='done'"): fake_results("baseline", status="done")
     s = render_summary("x", {})
