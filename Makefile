@@ -63,14 +63,17 @@ numerics: venv
 	$(call ISA,default) $(BIN)/pytest -q -m numerics $(FAST_NUMERICS)
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m numerics $(FAST_NUMERICS)   # this CPU's own kernels, 1 thread
 
+# two runs at once, one thread each: the smoke runs are sized for 2 cores (the reference was made the same way)
+SMOKE := OMP_NUM_THREADS=1 $(BIN)/quantstudy study smoke --jobs 2
+
 ## smoke: trains the smoke study afresh on this machine (CPU, minutes) into runs/smoke (figures in runs/figures/smoke),
 ## then holds every run against the committed reference papermill_runs/smoke and says whether it reproduced it
 smoke: venv
-	$(BIN)/quantstudy study smoke --runs-root runs --out runs/figures --force --reference papermill_runs
+	$(SMOKE) --runs-root runs --out runs/figures --force --reference papermill_runs
 
 ## smoke-reference: retrain the committed reference itself (papermill_runs/smoke, figures/smoke), after a change of protocol
 smoke-reference: venv
-	$(BIN)/quantstudy study smoke --force
+	$(SMOKE) --force
 
 ## gpu-check: every GPU check and figure in one run, under 7 minutes on one H100/H200 (benchmarks/README.md).
 ## It uses the machine's own python3 (torch + CUDA), not the CPU venv: nothing to install, the checkout is enough.

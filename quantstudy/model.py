@@ -14,8 +14,8 @@ from .qlinear import LinearQuant, MODULE_SETS, quantize_model, quantized_modules
 from .optim import OptimQuant
 
 # %% auto #0
-__all__ = ['SIZES', 'VOCAB_SIZE', 'DROPOUT', 'RECIPE_FILE', 'Recipe', 'default_attn_implementation', 'gpt2_config', 'build_model',
-           'model_device', 'eval_mode', 'check_recipe', 'save_model', 'load_model']
+__all__ = ['SIZES', 'VOCAB_SIZE', 'DROPOUT', 'CAUSAL_LOSS', 'RECIPE_FILE', 'Recipe', 'default_attn_implementation', 'gpt2_config',
+           'build_model', 'model_device', 'eval_mode', 'check_recipe', 'save_model', 'load_model']
 
 # %% ../nbs/02_model.ipynb #e4b47ca1
 @dataclass(frozen=True)
@@ -112,6 +112,11 @@ def gpt2_config(size: str = "tiny", **overrides) -> GPT2Config:
     return GPT2Config(**kw)
 
 # %% ../nbs/02_model.ipynb #8dffe308
+# The HF Trainer divides the summed token losses by the number of targets it counts, over `labels[..., 1:]` only when
+# the model's `loss_type` is a causal LM's; GPT2LMHeadModel's is None, so it counted all T labels of a row where the
+# loss has T - 1 targets, and every logged loss was (T-1)/T of the mean cross-entropy (63/64 at the smoke block of 64).
+CAUSAL_LOSS = "ForCausalLM"
+
 def build_model(size: str = "tiny", recipe: Recipe | LinearQuant | dict | None = None, seed: int | None = None,
                 **overrides) -> GPT2LMHeadModel:
     "A new GPT-2 of `size` (config `overrides` as in `gpt2_config`) with its linear layers quantized per `recipe`."
@@ -119,6 +124,7 @@ def build_model(size: str = "tiny", recipe: Recipe | LinearQuant | dict | None =
     with torch.random.fork_rng(devices=[]):
         if seed is not None: torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
+    model.loss_type = CAUSAL_LOSS
     if recipe.linear is not None: quantize_model(model, recipe.linear, recipe.modules)
     model.recipe = recipe
     return model
@@ -177,6 +183,7 @@ def load_model(path: str | os.PathLike, recipe: Recipe | LinearQuant | dict | No
         recipe = Recipe.from_dict(json.loads(f.read_text())) if f.exists() else Recipe()
     recipe = Recipe.parse(recipe)
     model = GPT2LMHeadModel.from_pretrained(path, attn_implementation=attn_implementation or default_attn_implementation(), **kwargs)
+    model.loss_type = CAUSAL_LOSS   # as build_model: the Trainer's losses are true means
     if recipe.linear is not None: quantize_model(model, recipe.linear, recipe.modules)
     model.recipe = recipe
     return model

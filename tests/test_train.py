@@ -80,3 +80,15 @@ def test_divergence_is_recorded_not_raised(tiny_config, tmp_path, monkeypatch):
     res = train(cfg, tmp_path / "div", Recipe(linear=LinearQuant(grad="4-tensor")))
     assert res["status"] == "diverged" and res["step"] < 40 and res["reason"], res
     assert json.loads((tmp_path / "div" / "train_result.json").read_text())["status"] == "diverged"
+
+def test_trainer_losses_are_the_mean_cross_entropy(tmp_path):
+    "The HF Trainer's eval loss is the mean over the T-1 targets of each row (it was (T-1)/T of it: 63/64 at T=64)."
+    from transformers import Trainer, TrainingArguments
+    from quantstudy.model import build_model
+    model = build_model("tiny", seed=0, n_positions=16).eval()
+    g = torch.Generator().manual_seed(0)
+    blocks = [{"input_ids": x, "labels": x} for x in torch.randint(0, 1000, (8, 16), generator=g)]
+    plain = torch.stack([model(b["input_ids"][None], labels=b["labels"][None]).loss for b in blocks]).mean().item()
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=4, report_to=[], use_cpu=True)
+    got = Trainer(model=model, args=args, eval_dataset=blocks).evaluate()["eval_loss"]
+    assert abs(got - plain) < 1e-5 * plain and abs(got - plain * 15 / 16) > 1e-3   # not the old (T-1)/T
