@@ -24,7 +24,7 @@ def test_tokenizer(data_dir, tok):
 
 def test_missing_corpus_names_the_path(data_dir, tmp_path):
     with pytest.raises(FileNotFoundError) as e: load_corpus("wikitext2", "train", data_dir)
-    assert str(data_dir / "wikitext-2" / "wiki.train.tokens") in str(e.value) and "QUANTSTUDY_data_dir" in str(e.value)
+    assert str(data_dir / "wikitext-2" / "wiki.train.tokens") in str(e.value) and "QUANTSTUDY_DATA" in str(e.value)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "ptb" / "ptb.test.txt")): load_corpus("ptb", "test", tmp_path)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer" / "gpt2")): load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.txt"): load_corpus(tmp_path / "nope.txt", "test")
