@@ -94,7 +94,8 @@ def check_config(out_dir, config: dict, force: bool = False):
         changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
         raise ValueError(f"{out_dir} holds a run of another configuration ({'; '.join(changed[:4])}"
                          f"{'; ...' if len(changed) > 4 else ''}): pass --force to start it again from scratch, or use another --study")
-    write_json(inside(out_dir / CONFIG_FILE, out_dir), dict(hash=config_hash(config), config=config))
+    if stored is None or not (out_dir / CONFIG_FILE).exists():   # a run asked again with its own config rewrites nothing
+        write_json(inside(out_dir / CONFIG_FILE, out_dir), dict(hash=config_hash(config), config=config))
 
 @contextmanager
 def run_lock(out_dir):
