@@ -11,7 +11,7 @@ from quantstudy.model import build_model
 
 def main():
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--data-dir", default=os.environ.get("QUANTSTUDY_DATA", "/work/shared/data"))
+    p.add_argument("--data-dir", default=None, help="the data root (default: $QUANTSTUDY_DATA)")
     p.add_argument("--max-tokens", type=int, default=20_000, help="tokens of PTB test to evaluate")
     args = p.parse_args()
     setup(args)

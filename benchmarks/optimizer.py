@@ -72,7 +72,8 @@ def bench_torchao(args, kw):
     return n_params, table
 
 def _char_data():
-    path = Path(os.environ.get("QUANTSTUDY_DATA", "/work/shared/data")) / "tinyshakespeare" / "input.txt"
+    from quantstudy.data import require_data_root
+    path = require_data_root("optimizer.py --train") / "tinyshakespeare" / "input.txt"
     text = path.read_text()[:200_000]
     chars = sorted(set(text))
     return chars, torch.tensor([chars.index(ch) for ch in text])

@@ -190,14 +190,10 @@ def test_memory_accounting_gpt2_mlp():
     assert state_bytes("m4-block128-dynamic_v4-rank1-nozero") <= 0.14
 
 
-DATA = Path(os.environ.get("QUANTSTUDY_DATA", "/work/shared/data")) / "tinyshakespeare" / "input.txt"
-
-
 @pytest.mark.numerics
-@pytest.mark.skipif(not DATA.exists(), reason="Tiny Shakespeare not in $QUANTSTUDY_DATA")
-def test_zero_excluded_v_trains_where_the_paper_v_blows_up():
+def test_zero_excluded_v_trains_where_the_paper_v_blows_up(data_dir):
     "Notebook 03's char-level LM, 60 steps: v8-channel blows up, 4-bit rank-1 zero-excluded v follows fp32."
-    text = DATA.read_text()[:200_000]
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:200_000]
     chars = sorted(set(text)); ids = torch.tensor([chars.index(ch) for ch in text])
     def train(oq):
         torch.manual_seed(0)
