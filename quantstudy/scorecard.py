@@ -86,12 +86,16 @@ def _base_missing(results) -> bool:
     return outcome(results, "baseline").state != "complete"
 
 # %% ../nbs/12_scorecard.ipynb #f7a7adea
+def _within(results, names, key):
+    "The runs' outcomes, and for each judged one whether it is complete within `TOLERANCES[key]` of the baseline's loss."
+    outs = [outcome(results, n) for n in names]
+    return outs, [None if not o.judged else (not o.diverged and abs(o.rel) <= TOLERANCES[key]) for o in outs]
+
 def about_baseline(*names):
     "Each run complete and its final validation loss within `about` of the baseline's."
     def check(results):
         if _base_missing(results): return "not run", "no complete baseline"
-        outs = [outcome(results, n) for n in names]
-        flags = [None if not o.judged else (not o.diverged and abs(o.rel) <= TOLERANCES["about"]) for o in outs]
+        outs, flags = _within(results, names, "about")
         return _verdict(flags), "; ".join(o.text() for o in outs)
     return check, f"each of {', '.join(f'`{n}`' for n in names)}: final val loss within {TOLERANCES['about']:.0%} of the baseline"
 
@@ -207,8 +211,7 @@ def fixed_v(*names):
     "The new claim: each fixed v scheme ends within `fixed_v` of the baseline (where the paper's v8 runs diverge)."
     def check(results):
         if _base_missing(results): return "not run", "no complete baseline"
-        outs = [outcome(results, n) for n in names]
-        flags = [None if not o.judged else (not o.diverged and abs(o.rel) <= TOLERANCES["fixed_v"]) for o in outs]
+        outs, flags = _within(results, names, "fixed_v")
         paper = [outcome(results, n) for n in ("v8-tensor", "v8-channel") if n in results]
         return _verdict(flags), "; ".join(o.text() for o in outs + paper)
     return check, f"each of {', '.join(f'`{n}`' for n in names)}: final val loss within {TOLERANCES['fixed_v']:.0%} of the baseline"
