@@ -17,7 +17,8 @@ from .qlinear import LinearQuant, QuantLinear, linear_modules, quantize_model, s
 from .model import RECIPE_FILE, Recipe, eval_mode, gpt2_config, load_model, model_device
 from .optim import QAdamW
 from .data import load_tokenizer, tokenize_corpus
-from .train import TrainConfig, checkpoints, make_optimizer, preset, write_json
+from .train import TrainConfig, make_optimizer, preset
+from .rundir import RunDir, write_json
 from .train import snapshots as run_snapshots
 
 # %% auto #0
@@ -39,28 +40,29 @@ def _inside_run(path: Path) -> bool:
     "Is `path` the `model/` or a `checkpoint-N/` directory of a run?"
     return path.name == "model" or path.name.startswith("checkpoint-")
 
-def run_config(run_dir) -> TrainConfig | None:
-    "The `TrainConfig` of a run directory (from `train_result.json`, else `run.json`), or None."
+def _run_config(run_dir) -> dict:
+    "The resolved configuration in the `run.json` of a run directory (or of the run holding `model/`, `checkpoint-N/`), or {}."
     run_dir = Path(run_dir)
-    for name, key in (("train_result.json", "config"), ("run.json", "train")):
-        d = _read_json(run_dir / name)
-        if d and d.get(key): return TrainConfig.from_dict(d[key])
-    return run_config(run_dir.parent) if _inside_run(run_dir) else None
+    d = RunDir(run_dir).read_run()
+    if d is not None: return d.get("config") or {}
+    return _run_config(run_dir.parent) if _inside_run(run_dir) else {}
+
+def run_config(run_dir) -> TrainConfig | None:
+    "The `TrainConfig` of a run directory (its `run.json`), or None."
+    d = _run_config(run_dir).get("train")
+    return TrainConfig.from_dict(d) if d else None
 
 def run_recipe(run_dir) -> Recipe:
-    "The `Recipe` of a run directory (`model/recipe.json`, `train_result.json` or `run.json`); full precision if none says."
+    "The `Recipe` of a run directory (`model/recipe.json`, else `run.json`); full precision if none says."
     run_dir = Path(run_dir)
     for path in (run_dir / RECIPE_FILE, run_dir / "model" / RECIPE_FILE):
         d = _read_json(path)
         if d is not None: return Recipe.from_dict(d)
-    for name in ("train_result.json", "run.json"):
-        d = _read_json(run_dir / name)
-        if d is not None and "recipe" in d: return Recipe.parse(d["recipe"])
-    return run_recipe(run_dir.parent) if _inside_run(run_dir) else Recipe()
+    return Recipe.parse(_run_config(run_dir).get("recipe"))
 
 def checkpoint_dir(run_dir, checkpoint: int | str = "last", snapshots: bool = False) -> Path:
     "The directory of checkpoint `checkpoint` (a step, `first` or `last`) of a run; with `snapshots`, its weight snapshots count too."
-    found = checkpoints(run_dir)
+    found = RunDir(run_dir).checkpoints()
     if snapshots: found = dict(sorted({**run_snapshots(run_dir), **found}.items()))   # a checkpoint wins at the same step
     if not found: raise FileNotFoundError(f"{run_dir} has no complete checkpoint-N directory")
     if checkpoint in ("first", "last"): return found[min(found) if checkpoint == "first" else max(found)]
@@ -257,8 +259,8 @@ def activations(target, *, layer: str = "middle-attn-proj", batch=None, n_tokens
     saved = _read_json(run_dir / ACTIVATIONS_FILE)
     if recorded and saved and saved.get("alias") == layer and saved.get("snapshots"): return saved
     batch = batch if batch is not None else eval_batches(run_dir, 1, 4)[0]
-    models = {step: (run_dir, step) for step in {**run_snapshots(run_dir), **checkpoints(run_dir)}}   # the snapshots: steps checkpoints rotated away
-    final = (_read_json(run_dir / "train_result.json") or {}).get("step")   # None while the run is still training
+    models = {step: (run_dir, step) for step in {**run_snapshots(run_dir), **RunDir(run_dir).checkpoints()}}   # the snapshots: steps checkpoints rotated away
+    final = RunDir(run_dir).trained_step()   # None while the run is still training
     if (run_dir / "model").is_dir() and final not in models and (final is not None or not models): models[final] = (run_dir, None)
     if not models: raise FileNotFoundError(f"{run_dir} has neither checkpoints nor a final model")
     snaps, name = [], None
@@ -415,7 +417,7 @@ def _model_specs(target, models, recipe) -> dict:
         return {"model": (copy.deepcopy(target.config), Recipe.parse(recipe) if recipe is not None else getattr(target, "recipe", None) or Recipe())}
     if target is not None:
         cfg = run_config(target)
-        if cfg is None: raise ValueError(f"{target} has no train_result.json or run.json to read the model from; pass models=")
+        if cfg is None: raise ValueError(f"{target} has no run.json to read the model from; pass models=")
         config = gpt2_config(cfg.size, n_positions=cfg.block_size, **cfg.model)
         return {_label(cfg.size, config): (config, Recipe.parse(recipe) if recipe is not None else run_recipe(target))}
     return {"tiny": (gpt2_config("tiny"), Recipe.parse(recipe))}
@@ -530,7 +532,7 @@ def linear_time(target=None, *, sizes=None, seq_lens=(64, 128, 256), batch_size:
         if isinstance(target, nn.Module): sizes = {"model": target.config}
         elif target is not None:
             cfg = run_config(target)
-            if cfg is None: raise ValueError(f"{target} has no train_result.json or run.json to read the model from; pass sizes=")
+            if cfg is None: raise ValueError(f"{target} has no run.json to read the model from; pass sizes=")
             config = gpt2_config(cfg.size, **cfg.model)
             sizes = {_label(cfg.size, config): config}
         else: sizes = ["tiny", "small"]

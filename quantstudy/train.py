@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #cb3aa34a
 from __future__ import annotations
-import ctypes, dataclasses, json, math, os, re, shutil, sys, time
+import dataclasses, json, math, os, shutil, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -20,13 +20,14 @@ from .model import SIZES, Recipe, build_model, save_model
 from .qlinear import QuantConv1D
 from .optim import OptimQuant, QAdamW
 from .data import BlockDataset, load_tokenizer, tokenize_corpus
+from .host import tune_cpu_allocator
+from .rundir import RunDir, checkpoint_problem
 
 # %% auto #0
-__all__ = ['FIELD_RULES', 'PRESETS', 'CHECKPOINT_JSON', 'CHECKPOINT_TORCH', 'SNAPSHOTS', 'check_model_fields', 'TrainConfig',
-           'preset', 'use_bf16', 'tune_cpu_allocator', 'DivergenceCallback', 'write_json', 'curves_from_history',
-           'CurvesCallback', 'ProgressLines', 'checkpoint_problem', 'checkpoints', 'last_checkpoint',
-           'resume_checkpoint', 'SnapshotCallback', 'snapshots', 'finite_weights', 'last_finite_checkpoint',
-           'make_optimizer', 'training_args', 'datasets_for', 'train', 'write_run_config', 'main']
+__all__ = ['FIELD_RULES', 'PRESETS', 'SNAPSHOTS', 'check_model_fields', 'TrainConfig', 'preset', 'use_bf16', 'DivergenceCallback',
+           'curves_from_history', 'ProgressLines', 'resume_checkpoint', 'SnapshotCallback', 'snapshots',
+           'finite_weights', 'last_finite_checkpoint', 'make_optimizer', 'training_args', 'datasets_for', 'train',
+           'main']
 
 # %% ../nbs/05_train.ipynb #3585fff8
 def _int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)   # JSON `true` is not a step count
@@ -185,15 +186,6 @@ def use_bf16(cfg: TrainConfig) -> bool:
         raise ValueError("precision='bf16' needs a CUDA device; this machine has none (use 'auto' or 'fp32')")
     return torch.cuda.is_available() and cfg.precision != "fp32"
 
-def tune_cpu_allocator():
-    "Keep freed memory in glibc's heap (no mmap, no trim): large temporaries are not re-faulted each step."
-    if not sys.platform.startswith("linux"): return False
-    try: libc = ctypes.CDLL("libc.so.6")
-    except OSError: return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    # mallopt takes a C int: 2**31 - 1 is the largest threshold (8 << 30 would wrap to 0 and trim at every free)
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
 # %% ../nbs/05_train.ipynb #03017b71
 class DivergenceCallback(TrainerCallback):
     "Record the first step where the loss is not finite or stays above a bound, and why; stop there if `stop` (always if not finite)."
@@ -226,25 +218,12 @@ class DivergenceCallback(TrainerCallback):
             return self._stop(control, state.global_step, f"eval_loss {loss:.3f} above {bound:.3f} for {self.bad} evaluations")
 
 # %% ../nbs/05_train.ipynb #dbe82683
-def write_json(path, obj):
-    "Write `obj` as JSON to `path` atomically (a temp file, then a rename): readers never see half a file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
-
 def curves_from_history(history: list[dict]) -> dict:
     "Train and validation curves from the Trainer's `log_history`."
     train = [dict(step=h["step"], loss=h["loss"], lr=h.get("learning_rate"), grad_norm=h.get("grad_norm"))
              for h in history if "loss" in h]
     val = [dict(step=h["step"], loss=h["eval_loss"]) for h in history if "eval_loss" in h]
     return dict(train=train, val=val)
-
-class CurvesCallback(TrainerCallback):
-    "Keep `curves.json` in the run directory up to date."
-    def __init__(self, path): self.path = Path(path)
-    def on_log(self, args, state, control, **kw):
-        if state.is_world_process_zero: write_json(self.path, curves_from_history(state.log_history))
 
 # %% ../nbs/05_train.ipynb #581453d6
 class ProgressLines(TrainerCallback):
@@ -260,48 +239,10 @@ class ProgressLines(TrainerCallback):
         if metrics and "eval_loss" in metrics: self._say(state, f"eval_loss {metrics['eval_loss']:.4f}")
 
 # %% ../nbs/05_train.ipynb #01821d9f
-CHECKPOINT_JSON = ("trainer_state.json", "config.json")
-CHECKPOINT_TORCH = ("optimizer.pt", "scheduler.pt")   # and one rng_state*.pth per process
-
-def checkpoint_problem(path) -> str | None:
-    "Why the checkpoint directory `path` cannot be resumed from (a file missing or not loadable), or None if it is complete."
-    path = Path(path)
-    for name in CHECKPOINT_JSON:
-        try: json.loads((path / name).read_text())
-        except FileNotFoundError: return f"{name} is missing"
-        except (OSError, ValueError) as e: return f"{name} does not load: {type(e).__name__}: {e}"
-    if not (path / "model.safetensors").is_file(): return "model.safetensors is missing"
-    try:
-        from safetensors import safe_open
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f: list(f.keys())   # header and sizes
-    except Exception as e: return f"model.safetensors does not load: {type(e).__name__}: {e}"
-    rng = sorted(path.glob("rng_state*.pth"))
-    if not rng: return "rng_state.pth is missing"
-    from transformers.trainer_pt_utils import safe_globals   # the numpy types the Trainer allows in its RNG state
-    for f in [path / n for n in CHECKPOINT_TORCH] + rng:
-        if not f.is_file(): return f"{f.name} is missing"
-        try:
-            with safe_globals(): torch.load(f, map_location="cpu", weights_only=True, mmap=True)   # as the Trainer does, data unread
-        except Exception as e: return f"{f.name} does not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
-
-def _checkpoint_dirs(out_dir) -> dict[int, Path]:
-    found = [(re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", p.name), p) for p in Path(out_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")]
-    return dict(sorted((int(m[1]), p) for m, p in found if m and p.is_dir()))
-
-def checkpoints(out_dir) -> dict[int, Path]:
-    "The complete checkpoints in `out_dir` (every file present and loadable, see `checkpoint_problem`), by step."
-    return {s: p for s, p in _checkpoint_dirs(out_dir).items() if checkpoint_problem(p) is None}
-
-def last_checkpoint(out_dir) -> Path | None:
-    "The newest complete checkpoint in `out_dir`, or None."
-    done = checkpoints(out_dir)
-    return done[max(done)] if done else None
-
 def resume_checkpoint(out_dir, resume: bool = True, log=print) -> Path | None:
     "The newest complete checkpoint of `out_dir` (None if `not resume`); incomplete ones are removed, each logged with why."
     keep, rank0 = None, int(os.environ.get("RANK", "0")) == 0
-    for step, p in sorted(_checkpoint_dirs(out_dir).items(), reverse=True):
+    for step, p in sorted(RunDir(out_dir).checkpoint_dirs().items(), reverse=True):
         why = checkpoint_problem(p)
         if why is None:
             keep = keep or p
@@ -345,9 +286,7 @@ def finite_weights(ckpt) -> bool:
 
 def last_finite_checkpoint(out_dir) -> Path | None:
     "The newest complete checkpoint of `out_dir` whose weights are all finite, or None."
-    return next((p for _, p in sorted(checkpoints(out_dir).items(), reverse=True) if finite_weights(p)), None)
-
-
+    return next((p for _, p in sorted(RunDir(out_dir).checkpoints().items(), reverse=True) if finite_weights(p)), None)
 
 # %% ../nbs/05_train.ipynb #ac4a0a06
 def make_optimizer(model, cfg: TrainConfig, recipe: Recipe | None = None):
@@ -400,13 +339,13 @@ def datasets_for(cfg: TrainConfig, tokenizer=None):
 
 # %% ../nbs/05_train.ipynb #54fef8c4
 def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool = True, callbacks=()) -> dict:
-    "Pre-train a GPT-2 with `recipe`'s quantization into `out_dir`; returns (and writes) `train_result.json`."
-    if hasattr(cfg, "train") and hasattr(cfg, "recipe"): cfg, recipe = cfg.train, cfg.recipe  # an Experiment
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    result_path = out_dir / "train_result.json"
-    if resume and result_path.exists():
-        prior = json.loads(result_path.read_text())
-        if prior.get("status") in ("complete", "diverged"): return prior
+    "Pre-train a GPT-2 with `recipe`'s quantization into `out_dir`; returns (and hands off, in the run directory) how it ended."
+    rd = RunDir(out_dir); out_dir = rd.path; out_dir.mkdir(parents=True, exist_ok=True)
+    prior = rd.read_training() if resume else None
+    if prior and prior.get("status") in ("complete", "diverged"): return prior   # trained; the evaluation had not finished
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0 and rd.read_run() is None:   # a bare training run: run.json says what it is, for the analyses
+        rd.write_run(None, None, dict(train=cfg.to_dict(), recipe=recipe.to_dict() if recipe is not None else None))
     if not torch.cuda.is_available(): tune_cpu_allocator()
     train_ds, val_ds = datasets_for(cfg)
     model = build_model(cfg.size, recipe, seed=cfg.seed, n_positions=cfg.block_size,  # seeded: the same weights on every process
@@ -417,8 +356,7 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
     ckpt = resume_checkpoint(out_dir, resume)
     trainer = Trainer(model=model, args=training_args(cfg, out_dir, eval_on_start=ckpt is None), train_dataset=train_ds,
                       eval_dataset=val_ds, optimizers=(opt, sched),
-                      callbacks=[diverge, CurvesCallback(out_dir / "curves.json"),
-                                 *([SnapshotCallback(out_dir, cfg.snapshot_every)] if cfg.snapshot_every else []), *callbacks])
+                      callbacks=[diverge, *([SnapshotCallback(out_dir, cfg.snapshot_every)] if cfg.snapshot_every else []), *callbacks])
     t0 = time.time()
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if trainer.state.global_step % cfg.eval_every and not diverge.stopped:
@@ -437,26 +375,22 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
     result = dict(status="diverged" if diverge.stopped else "complete", step=trainer.state.global_step,
                   reason=reason, divergence=diverge.diverged, evaluated_checkpoint=evaluated.name if evaluated else None,
                   resumed_from=ckpt.name if ckpt else None,
-                  config=cfg.to_dict(), recipe=recipe.to_dict() if recipe is not None else None,
                   curves=curves_from_history(trainer.state.log_history),
                   timings=dict(train_seconds=time.time() - t0, **{k: v for k, v in out.metrics.items() if "runtime" in k or "per_second" in k}),
                   device=str(trainer.args.device), world_size=trainer.args.world_size, bf16=trainer.args.bf16)
     if trainer.is_world_process_zero():
         save_model(trainer.model, out_dir / "model")
-        write_json(result_path, result)
+        rd.write_training(result)
     return result
 
 # %% ../nbs/05_train.ipynb #59ac80a9
-def write_run_config(path, cfg: TrainConfig, out_dir, recipe: Recipe | None = None):
-    "Write the `run.json` that `python -m quantstudy.train --config` reads."
-    write_json(path, dict(train=cfg.to_dict(), recipe=recipe.to_dict() if recipe is not None else None, out_dir=str(out_dir)))
-
 @call_parse
-def main(config: str = None,  # path of a run.json written by `write_run_config`
+def main(config: str = None,  # path of a run directory's run.json (`RunDir.write_run`)
          no_resume: bool = False):  # start from scratch even if checkpoints exist
     "Train the run described by `config` (use under torchrun for several processes)."
     if not config or not Path(config).is_file(): raise SystemExit(f"--config {config!r}: no such run.json file")
-    d = json.loads(Path(config).read_text())
-    recipe = Recipe.from_dict(d["recipe"]) if d.get("recipe") else None
-    res = train(TrainConfig.from_dict(d["train"]), d["out_dir"], recipe, resume=not no_resume, callbacks=[ProgressLines()])
+    rd = RunDir(Path(config).parent)
+    c = rd.read_run()["config"]
+    recipe = Recipe.from_dict(c["recipe"]) if c.get("recipe") else None
+    res = train(TrainConfig.from_dict(c["train"]), rd.path, recipe, resume=not no_resume, callbacks=[ProgressLines()])
     if int(os.environ.get("RANK", "0")) == 0: print(json.dumps({k: res[k] for k in ("status", "step", "reason")}))
