@@ -30,7 +30,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_namespace_packages(include=['quantstudy', 'quantstudy.*']),  # quantstudy.tasks holds only YAML
     include_package_data=True,
-    package_data={'quantstudy': ['tasks/*.yaml']},
+    package_data={'quantstudy': ['tasks/*.yaml', 'templates/*.ipynb']},
     install_requires=reqs('requirements'),
     extras_require={'dev': reqs('dev_requirements'), 'gpu': reqs('gpu_requirements'),
                     'slurm': reqs('slurm_requirements'), 'bench': reqs('bench_requirements')},

@@ -108,9 +108,9 @@ def _report(args):
 
 def _failures(results: dict, runs_root, study) -> int:
     "Name each failed run and why on stderr; the exit status (1 if any failed)."
-    failed = {n: r for n, r in results.items() if r.get("status") == "failed"}
+    failed = {n: r for n, r in results.items() if r.status == "failed"}
     for n, r in failed.items():
-        print(f"quantstudy: {n} failed: {r.get('reason')} (see {Path(runs_root) / study / n / 'results.json'})", file=sys.stderr)
+        print(f"quantstudy: {n} failed: {r.reason} (see {Path(runs_root) / study / n / 'results.json'})", file=sys.stderr)
     return 1 if failed else 0
 
 def _run(args):

@@ -4,54 +4,20 @@
 
 # %% ../nbs/09_runner.ipynb #6e2958e2
 from __future__ import annotations
-import hashlib, json, os, platform, re, shutil, subprocess, sys, time, traceback
-from contextlib import contextmanager
+import json, os, re, sys, time
 from concurrent.futures import ThreadPoolExecutor
+from importlib.resources import files
 from pathlib import Path
-import torch
-import quantstudy
 from .experiments import Experiment, get_experiment, study_experiments
-from .train import ProgressLines, train, write_json, write_run_config
+from .rundir import Results, RunDir, RunInUse, Status, config_hash
 
 # %% auto #0
-__all__ = ['SCHEMA', 'TEMPLATE', 'SAFE_NAME', 'CONFIG_FILE', 'LOCK_FILE', 'RUN_MARKERS', 'REPRODUCE_TOLERANCE', 'PPL_TOLERANCE',
-           'run_dir', 'read_results', 'is_finished', 'RunInUse', 'check_name', 'inside', 'config_hash', 'check_config',
-           'run_lock', 'clear_run_dir', 'git_commit', 'cpu_name', 'provenance', 'base_results', 'train_experiment',
-           'check_inputs', 'run_experiment', 'summary_table', 'sweep', 'compare_runs', 'final_val_loss',
-           'compare_studies']
+__all__ = ['TEMPLATE', 'SAFE_NAME', 'REPRODUCE_TOLERANCE', 'PPL_TOLERANCE', 'check_name', 'inside', 'run_dir', 'record_run',
+           'check_inputs', 'run_experiment', 'summary_table', 'sweep', 'compare_runs', 'compare_studies']
 
 # %% ../nbs/09_runner.ipynb #0f30d524
-SCHEMA = 1
-TEMPLATE = Path(quantstudy.__file__).resolve().parents[1] / "nbs" / "templates" / "experiment.ipynb"  # in the checkout
-
-def run_dir(study: str, name: str, runs_root="papermill_runs") -> Path:
-    "The output directory of experiment `name` of `study`, after checking both names and that it lies under `runs_root`."
-    out = Path(runs_root) / check_name("study", study) / check_name("experiment", name)
-    inside(out, runs_root)
-    return out
-
-def read_results(out_dir) -> dict | None:
-    "The `results.json` of a run directory, or None if the run never finished writing one; a damaged one is named."
-    p = Path(out_dir) / "results.json"
-    if not p.exists(): return None
-    try: r = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{p} does not load ({type(e).__name__}: {e}): delete it, or pass --force to run again from scratch") from None
-    if not isinstance(r, dict): raise ValueError(f"{p} is not a JSON object: delete it, or pass --force to run again from scratch")
-    return r
-
-def is_finished(out_dir) -> bool:
-    "True if the run ended for good (`complete` or `diverged`): a sweep skips it."
-    r = read_results(out_dir)
-    return r is not None and r.get("status") in ("complete", "diverged")
-
-# %% ../nbs/09_runner.ipynb #a1cf9eb0
+TEMPLATE = Path(str(files("quantstudy") / "templates" / "experiment.ipynb"))   # package data: an installed wheel runs it too
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-CONFIG_FILE, LOCK_FILE = "run_config.json", ".lock"
-RUN_MARKERS = (CONFIG_FILE, LOCK_FILE, "results.json", "train_result.json", "curves.json")
-
-class RunInUse(ValueError):
-    "Another process holds the run directory."
 
 def check_name(kind: str, name) -> str:
     "`name` if it is a safe directory name (letters, digits, `_`, `-`, `.`; not starting with `.`), else a one-line error."
@@ -65,111 +31,36 @@ def inside(path, root) -> Path:
     if p != r and r not in p.parents: raise ValueError(f"{path} resolves to {p}, outside the runs root {r}")
     return p
 
-def _canonical(config: dict) -> dict: return json.loads(json.dumps(config, sort_keys=True, default=str))
+def run_dir(study: str, name: str, runs_root="papermill_runs") -> RunDir:
+    "The `RunDir` of experiment `name` of `study`, after checking both names and that it lies under `runs_root`."
+    out = Path(runs_root) / check_name("study", study) / check_name("experiment", name)
+    inside(out, runs_root)
+    return RunDir(out)
 
-def config_hash(config: dict) -> str:
-    "A short hash of a resolved configuration (JSON, keys sorted)."
-    return hashlib.sha256(json.dumps(_canonical(config), sort_keys=True).encode()).hexdigest()[:16]
-
+# %% ../nbs/09_runner.ipynb #a1cf9eb0
 def _flat(d, prefix=""):
     if not isinstance(d, dict): return {prefix[:-1]: d}
     return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()} if d else {prefix[:-1]: d}
 
-def _stored_config(out_dir) -> dict | None:
-    "The configuration a run directory was made with: `run_config.json`, else (older runs) `results.json`'s."
-    p = Path(out_dir) / CONFIG_FILE
-    if p.exists():
-        try: return json.loads(p.read_text())["config"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{p} does not load ({type(e).__name__}: {e}): pass --force to run again from scratch") from None
-    r = read_results(out_dir)
-    if r and isinstance(r.get("config"), dict): return {k: v for k, v in r["config"].items() if k != "overrides"}
-    return None
+def _stored_config(rd: RunDir) -> dict | None:
+    "The configuration a run directory was made with: `run.json`'s, else (a finished run of an older layout) `results.json`'s."
+    run = rd.read_run()
+    if run is not None: return run.get("config")
+    r = rd.results()
+    return {k: v for k, v in r.config.items() if k != "overrides"} if r and r.config else None
 
-def check_config(out_dir, config: dict, force: bool = False):
-    "Fail if the run in `out_dir` was made with another configuration than `config` (unless `force`); then record `config`."
-    out_dir, config = Path(out_dir), _canonical(config)
-    stored = None if force else _stored_config(out_dir)
+def record_run(rd: RunDir, exp: Experiment, study: str, preset: str, overrides: dict, nproc: int = 1, force: bool = False):
+    "Fail if `rd` holds a run of another configuration than `exp`'s (unless `force`); else record `exp` in its `run.json`."
+    config = json.loads(json.dumps(exp.to_dict(), sort_keys=True, default=str))
+    stored = None if force else _stored_config(rd)
     if stored is not None and config_hash(stored) != config_hash(config):
-        old, new = _flat(_canonical(stored)), _flat(config)
+        old, new = _flat(json.loads(json.dumps(stored, default=str))), _flat(config)
         changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
-        raise ValueError(f"{out_dir} holds a run of another configuration ({'; '.join(changed[:4])}"
+        raise ValueError(f"{rd.path} holds a run of another configuration ({'; '.join(changed[:4])}"
                          f"{'; ...' if len(changed) > 4 else ''}): pass --force to start it again from scratch, or use another --study")
-    if stored is None or not (out_dir / CONFIG_FILE).exists():   # a run asked again with its own config rewrites nothing
-        write_json(inside(out_dir / CONFIG_FILE, out_dir), dict(hash=config_hash(config), config=config))
-
-@contextmanager
-def run_lock(out_dir):
-    "Hold the run directory `out_dir` for this process alone (an OS-level `flock` on its `.lock`); a second holder fails at once."
-    import fcntl
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK_FILE, "a+") as f:   # closing it releases the lock, also when the process dies
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0); holder = f.read().strip() or "another process"
-            raise RunInUse(f"{out_dir} is in use by {holder}: one writer per run directory; wait for it, "
-                           f"or use another --study or --runs-root") from None
-        f.seek(0); f.truncate(); f.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"); f.flush()
-        yield out_dir
-
-def clear_run_dir(out_dir, root=None):
-    "Empty the run directory `out_dir` (under `root` if given) but for its lock; a directory that is not a run's is refused."
-    out_dir = Path(out_dir)
-    if root is not None: inside(out_dir, root)
-    if not out_dir.is_dir(): return
-    entries = list(out_dir.iterdir())
-    if entries and not any(p.name in RUN_MARKERS or p.name.startswith("checkpoint-") for p in entries):
-        raise ValueError(f"{out_dir} does not look like a run directory (none of {RUN_MARKERS}): not deleting anything in it")
-    for p in entries:
-        if p.name == LOCK_FILE: continue
-        if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
-        else: p.unlink()   # a symlink itself, never what it points to
-
-# %% ../nbs/09_runner.ipynb #38e21319
-def git_commit(path=None) -> str | None:
-    "The commit of the git checkout holding `path` (default: this package), or None."
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or Path(quantstudy.__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError): return None
-
-def cpu_name() -> str | None:
-    "The CPU's model name (Linux), or None: CPUs round reductions differently, so a result names its CPU."
-    try: return next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                      if l.startswith("model name")), None)
-    except OSError: return None
-
-def provenance() -> dict:
-    "Git commit, package versions and hardware of this process."
-    import transformers
-    versions = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-                    quantstudy=quantstudy.__version__)
-    cuda = torch.cuda.is_available()
-    hardware = dict(device="cuda" if cuda else "cpu", gpu=torch.cuda.get_device_name(0) if cuda else None,
-                    gpus=torch.cuda.device_count(), cpus=os.cpu_count(), machine=platform.machine(),
-                    cpu=cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability())  # kernels differ by CPU
-    return dict(git_commit=git_commit(), versions=versions, hardware=hardware)
-
-def base_results(exp: Experiment, study: str, preset_name: str, overrides: dict) -> dict:
-    "The fields of `results.json` known before anything runs."
-    return dict(schema=SCHEMA, study=study, experiment=exp.name, preset=preset_name,
-                config=dict(**exp.to_dict(), overrides=overrides), **provenance(),
-                status="failed", step=0, reason=None, curves=dict(train=[], val=[]), metrics={}, analysis={}, timings={})
-
-# %% ../nbs/09_runner.ipynb #6051241f
-def train_experiment(exp: Experiment, out_dir, nproc: int = 1) -> dict:
-    "Train `exp` into `out_dir` (resuming from its last checkpoint) on `nproc` processes; the train result."
-    out_dir = Path(out_dir)
-    if nproc == 1: return train(exp.train, out_dir, exp.recipe, callbacks=[ProgressLines()])   # a line per logged step
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = out_dir / "run.json"
-    write_run_config(cfg_path, exp.train, out_dir, exp.recipe)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           "-m", "quantstudy.train", "--config", str(cfg_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
-    subprocess.run(cmd, check=True, env=env)
-    return json.loads((out_dir / "train_result.json").read_text())
+    run = None if force else rd.read_run()
+    if run is None or (run.get("study"), run.get("preset"), run.get("overrides"), run.get("nproc")) != (study, preset, overrides, nproc):
+        rd.write_run(study, exp.name, config, preset=preset, overrides=overrides, nproc=nproc)   # else: nothing rewritten
 
 # %% ../nbs/09_runner.ipynb #d344f94e
 def _relative_paths(nb_path, template):
@@ -177,7 +68,7 @@ def _relative_paths(nb_path, template):
     import nbformat
     nb = nbformat.read(nb_path, as_version=4)
     meta = nb.metadata.get("papermill", {})
-    meta["input_path"] = "nbs/templates/" + Path(template).name
+    meta["input_path"] = "quantstudy/templates/" + Path(template).name
     meta["output_path"] = Path(nb_path).name
     meta.pop("environment_variables", None)
     tmp = Path(nb_path).with_suffix(".tmp")
@@ -205,47 +96,53 @@ def check_inputs(exp: Experiment, data_dir=None):
 def run_experiment(name: str, study: str = "smoke", preset_name: str | None = None, overrides: dict | None = None,
                    runs_root="papermill_runs", nproc: int = 1, seed: int = 0, force: bool = False,
                    evals: dict | None = None, analyses: list | None = None, template=None, log_output: bool = False,
-                   progress: bool = False) -> dict:
-    "Execute experiment `name` of `study` with papermill (`progress`: stream its output here); its `results.json` as a dict."
+                   progress: bool = False) -> Results:
+    "Execute experiment `name` of `study` with papermill (`progress`: stream its output here); its `Results`."
     preset_name = preset_name or ("paper" if study == "paper" else "smoke")
     overrides = dict(overrides or {})
-    out_dir, nb_out = run_dir(study, name, runs_root), Path(runs_root) / study / f"{name}.ipynb"   # names first
+    rd, nb_out = run_dir(study, name, runs_root), Path(runs_root) / study / f"{name}.ipynb"   # names first
     exp = get_experiment(name, preset_name, evals, analyses, seed=seed, **overrides)  # bad values fail here, before any work
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1: raise ValueError(f"nproc={nproc!r}: must be an int >= 1")
     check_inputs(exp)
-    if exp.base is not None and not is_finished(run_dir(study, exp.base, runs_root)):
-        raise FileNotFoundError(f"{name} quantizes the trained model of {exp.base!r}, but {run_dir(study, exp.base, runs_root)} "
+    if exp.base is not None and not run_dir(study, exp.base, runs_root).is_finished():
+        raise FileNotFoundError(f"{name} quantizes the trained model of {exp.base!r}, but {run_dir(study, exp.base, runs_root).path} "
                                 f"has no finished results.json: run `quantstudy run {exp.base} --study {study}` first")
     template = Path(template or TEMPLATE)
-    if not template.exists(): raise FileNotFoundError(f"the template notebook {template} is missing (run from a quantstudy checkout)")
-    with run_lock(out_dir):   # one writer from here on
-        if force: clear_run_dir(out_dir, runs_root)
-        check_config(out_dir, exp.to_dict(), force)   # another configuration on this run: an error
-        if not force and is_finished(out_dir): return read_results(out_dir)
-        return _execute(exp, study, preset_name, overrides, runs_root, out_dir, nb_out, template, dict(
-            experiment=name, study=study, preset=preset_name, overrides=json.dumps(overrides),
-            evals=json.dumps(evals or {}),  # {}: the preset's evaluations
-            analyses=json.dumps(analyses),  # null: the experiment's own
-            out_dir=os.path.relpath(out_dir, Path(runs_root).resolve().parent), seed=seed, nproc=nproc,
-            force=False),  # cleared above, under the lock
-            log_output, progress)
+    if not template.exists(): raise FileNotFoundError(f"the template notebook {template} is missing (reinstall quantstudy)")
+    with rd.lock():   # one writer from here on
+        if force: rd.clear()
+        record_run(rd, exp, study, preset_name, overrides, nproc, force)
+        if not force and rd.is_finished(): return rd.results()
+        return _execute(rd, runs_root, nb_out, template, log_output, progress)
 
-def _execute(exp, study, preset_name, overrides, runs_root, out_dir, nb_out, template, parameters, log_output, progress):
+def _execute(rd: RunDir, runs_root, nb_out, template, log_output, progress) -> Results:
+    "Execute the template on `rd`'s run.json; a failure (the cell, the exception) is recorded in its results."
     import papermill as pm
-    t0 = time.time()
+    t0, cwd = time.time(), Path(runs_root).resolve().parent
     streams = dict(stdout_file=sys.stdout, stderr_file=sys.stderr) if progress else {}   # the kernel's output, live
     try:
         pm.execute_notebook(str(template), str(inside(nb_out, runs_root)), kernel_name="python3", progress_bar=False,
-                            log_output=log_output, cwd=str(Path(runs_root).resolve().parent), parameters=parameters, **streams)
+                            log_output=log_output, cwd=str(cwd), parameters=dict(run_json=os.path.relpath(rd.run_file, cwd)), **streams)
     except Exception as e:  # papermill's error names the cell; anything else (kernel died, ...) is recorded too
-        res = read_results(out_dir) or base_results(exp, study, preset_name, overrides)
         where = f"cell {e.cell_index}: {e.ename}: {e.evalue}" if hasattr(e, "ename") else f"{type(e).__name__}: {e}"
-        res.update(status="failed", reason=where, timings={**res.get("timings", {}), "total_seconds": time.time() - t0})
-        write_json(out_dir / "results.json", res)
-        return res
+        return _record_failure(rd, where, time.time() - t0)
     finally:
         if nb_out.exists(): _relative_paths(nb_out, template)
-    return read_results(out_dir)
+    return rd.results()
+
+def _record_failure(rd: RunDir, reason: str, seconds: float | None = None) -> Results:
+    "Write (and return) the `failed` results of the run in `rd`: what its run.json says, the reason, the time it took."
+    from quantstudy.pipeline import start_results
+    try: res = rd.results()
+    except ValueError: res = None   # a damaged file: replaced
+    if res is None:
+        try: res = start_results(rd)[1]
+        except (FileNotFoundError, ValueError):   # no run.json: the run never started
+            res = Results(study=rd.path.parent.name, experiment=rd.path.name)
+    res.status, res.reason = Status.FAILED, reason
+    if seconds is not None: res.timings["total_seconds"] = seconds
+    rd.write_results(res)
+    return res
 
 # %% ../nbs/09_runner.ipynb #f1c8baa0
 def _order(names):
@@ -253,14 +150,13 @@ def _order(names):
     first = [n for n in names if get_experiment(n).base is None]
     return first, [n for n in names if n not in first]
 
-def summary_table(results: dict) -> str:
+def summary_table(results: dict[str, Results]) -> str:
     "A Markdown table of a sweep: experiment, status, step, final validation loss, minutes."
     rows = ["| experiment | status | step | val loss | minutes |", "|---|---|---:|---:|---:|"]
     for name, r in results.items():
-        val = (r.get("curves") or {}).get("val") or [{}]
-        loss = val[-1].get("loss")
-        rows.append(f"| {name} | {r.get('status')} | {r.get('step', '')} | {'' if loss is None else f'{loss:.3f}'} | "
-                    f"{(r.get('timings') or {}).get('total_seconds', 0) / 60:.1f} |")
+        loss = r.final_val_loss
+        rows.append(f"| {name} | {r.status.value} | {r.step} | {'' if loss is None else f'{loss:.3f}'} | "
+                    f"{r.timings.get('total_seconds', 0) / 60:.1f} |")
     return "\n".join(rows)
 
 def sweep(study: str, executor: str = "local", jobs: int = 1, preset_name: str | None = None, overrides: dict | None = None,
@@ -289,15 +185,13 @@ def sweep(study: str, executor: str = "local", jobs: int = 1, preset_name: str |
     if not quiet: print(summary_table(results))
     return results
 
-def _record_failure(name, kw, e) -> dict:
-    "Write (and return) a `failed` results.json for an experiment that could not even start."
-    r = dict(schema=SCHEMA, study=kw["study"], experiment=name, status="failed", step=0,
-             reason=f"{type(e).__name__}: {e}", curves=dict(train=[], val=[]), metrics={}, analysis={}, timings={})
-    if isinstance(e, RunInUse): return r   # the run is another process's: leave its directory alone
+def _failed_to_start(name, kw, e) -> Results:
+    "The `failed` results of an experiment that could not even start (written, unless another process holds its run)."
+    if isinstance(e, RunInUse): return Results(study=kw["study"], experiment=name, reason=f"{type(e).__name__}: {e}")   # not ours
     try:
-        with run_lock(run_dir(kw["study"], name, kw["runs_root"])) as d: write_json(d / "results.json", r)
-    except RunInUse: pass
-    return r
+        rd = run_dir(kw["study"], name, kw["runs_root"])
+        with rd.lock(): return _record_failure(rd, f"{type(e).__name__}: {e}")
+    except (RunInUse, ValueError): return Results(study=kw["study"], experiment=name, reason=f"{type(e).__name__}: {e}")
 
 def _sweep_local(first, later, jobs, args, quiet):
     from tqdm.auto import tqdm
@@ -305,7 +199,7 @@ def _sweep_local(first, later, jobs, args, quiet):
     def one(n):
         bar.set_postfix_str(n)
         try: r = run_experiment(n, **args[n])  # a bad override of one experiment fails that one only
-        except Exception as e: r = _record_failure(n, args[n], e)
+        except Exception as e: r = _failed_to_start(n, args[n], e)
         bar.update(); return n, r
     for group in (first, later):
         with ThreadPoolExecutor(max(1, jobs)) as pool: results.update(pool.map(one, group))
@@ -330,21 +224,22 @@ def _sweep_submitit(first, later, args, cluster, slurm, kw):
     results = {}
     for n, j in jobs.items():
         try: results[n] = j.result()
-        except Exception as e: results[n] = _record_failure(n, args[n], e)
+        except Exception as e: results[n] = _failed_to_start(n, args[n], e)
     return results
 
 # %% ../nbs/09_runner.ipynb #8b08edba
 REPRODUCE_TOLERANCE = 0.02   # nats of final validation loss; measured AVX2 vs AVX-512 kernels (g8-token): 1.7e-4
 PPL_TOLERANCE = 0.05         # nats of log-perplexity, out-of-domain texts move more; measured there: 0.012
 
-def _log_ppl(r: dict) -> dict:
+def _log_ppl(r: Results) -> dict:
     import math
-    return {k: math.log(v) for k, v in ((r.get("metrics") or {}).get("perplexity") or {}).items() if v and v > 0}
+    return {k: math.log(v) for k, v in (r.metrics.get("perplexity") or {}).items() if v and v > 0}
 
-def compare_runs(new: dict | None, ref: dict | None, tolerance: float = REPRODUCE_TOLERANCE, ppl_tolerance: float = PPL_TOLERANCE) -> dict:
-    "How run `new` compares with its reference `ref` (two results.json dicts): the losses, the largest gap, a verdict."
-    row = dict(new_status=(new or {}).get("status", "not run"), ref_status=(ref or {}).get("status", "not run"),
-               new_loss=final_val_loss(new), ref_loss=final_val_loss(ref), max_diff=None)
+def compare_runs(new: Results | None, ref: Results | None, tolerance: float = REPRODUCE_TOLERANCE, ppl_tolerance: float = PPL_TOLERANCE) -> dict:
+    "How run `new` compares with its reference `ref`: the losses, the largest gap, a verdict."
+    state = lambda r: "not run" if r is None else r.status.value
+    row = dict(new_status=state(new), ref_status=state(ref), new_loss=new and new.final_val_loss, ref_loss=ref and ref.final_val_loss,
+               max_diff=None)
     if row["new_status"] != row["ref_status"] or row["new_status"] in ("failed", "not run"):
         return dict(row, reproduced=False)
     if row["new_status"] == "diverged": return dict(row, reproduced=True)   # both diverged: the step may differ
@@ -354,15 +249,10 @@ def compare_runs(new: dict | None, ref: dict | None, tolerance: float = REPRODUC
     row["max_diff"] = max(loss + ppl) if loss + ppl else None
     return dict(row, reproduced=bool(loss + ppl) and all(d <= tolerance for d in loss) and all(d <= ppl_tolerance for d in ppl))
 
-def final_val_loss(r: dict | None) -> float | None:
-    "The last validation loss of a run's curves, or None."
-    val = ((r or {}).get("curves") or {}).get("val") or []
-    return val[-1]["loss"] if val else None
-
 # %% ../nbs/09_runner.ipynb #3c858609
 def compare_studies(study: str, runs_root, reference_root="papermill_runs", tolerance: float = REPRODUCE_TOLERANCE) -> tuple[str, bool]:
     "A Markdown table of every run of `study` in `runs_root` beside its reference, and whether all reproduced."
-    rows = {n: compare_runs(read_results(run_dir(study, n, runs_root)), read_results(run_dir(study, n, reference_root)),
+    rows = {n: compare_runs(run_dir(study, n, runs_root).results(), run_dir(study, n, reference_root).results(),
                             tolerance) for n in study_experiments(study)}
     fmt = lambda x: "" if x is None else f"{x:.4f}"
     lines = [f"| experiment | status | reference | val loss | reference | largest diff | reproduced (loss <= {tolerance}, log-ppl <= {PPL_TOLERANCE} nats) |",
