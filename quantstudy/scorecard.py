@@ -35,7 +35,7 @@ def final_loss(r: dict | None) -> float | None:
 
 def log_ppl(r: dict | None) -> float | None:
     "Mean log-perplexity over the corpora a run evaluated (what a PTQ run has instead of a curve), or None."
-    ppl = ((r or {}).get("metrics") or {}).get("perplexity") or {}
+    ppl = (r.metrics.get("perplexity") if r else None) or {}
     vals = [math.log(v) for v in ppl.values() if isinstance(v, (int, float)) and v > 0 and math.isfinite(v)]
     return statistics.fmean(vals) if vals else None
 
@@ -67,14 +67,14 @@ def outcome(results: dict, name: str) -> Outcome:
     "How run `name` ended, against the study's baseline."
     r = results.get(name)
     if r is None: return Outcome(name, "not run")
-    st = r.get("status")
-    max_steps = ((r.get("config") or {}).get("train") or {}).get("max_steps")
-    if st == "diverged": return Outcome(name, "diverged", final_loss(r), None, r.get("step"), max_steps)
+    st = r.status
+    max_steps = (r.config.get("train") or {}).get("max_steps")
+    if st == "diverged": return Outcome(name, "diverged", final_loss(r), None, r.step, max_steps)
     if st != "complete": return Outcome(name, "failed")
     loss, base = final_loss(r), final_loss(results.get("baseline"))
     if loss is None: return Outcome(name, "failed")
     rel = None if base is None or name == "baseline" else loss / base - 1
-    return Outcome(name, "complete", loss, rel, r.get("step"), max_steps, None if name == "baseline" else base)
+    return Outcome(name, "complete", loss, rel, r.step, max_steps, None if name == "baseline" else base)
 
 def _verdict(flags: list) -> str:
     "reproduced if every judged run passes (at least one judged), not reproduced if any fails, else not run."
@@ -166,7 +166,8 @@ def ptq_worse(*pairs):
                    + f": PTQ mean log-perplexity more than {TOLERANCES['clearly']:.0%} above from-scratch")
 
 def _analysis(results, name, key):
-    return (((results.get(name) or {}).get("analysis") or {}).get(key) or {}).get("data")
+    r = results.get(name)
+    return ((r.analysis.get(key) if r else None) or {}).get("data")
 
 def sharper(*names):
     "m-sharpness (mean over rho) of each 4-bit weight run above the baseline's (Fig. 5)."
@@ -278,7 +279,7 @@ def render_scorecard(study: str, results: dict) -> str:
     "Markdown scorecard: the tolerances, then one row per claim with its test, the numbers and the verdict."
     rows = scorecard(results)
     esc = lambda s: str(s).replace("|", "\\|")
-    presets = sorted({str(r.get("preset")) for r in results.values() if r.get("preset")})
+    presets = sorted({str(r.preset) for r in results.values() if r.preset})
     counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
     md = [f"# Study `{study}`: the paper's claims, checked", "",
           f"{len(results)} runs with results (preset {', '.join(presets) or '-'}). "
