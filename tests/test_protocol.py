@@ -134,7 +134,8 @@ def test_floor_binds_on_an_early_second_moment():
         if not zero: assert codes.max().item() == 127
 
 def test_floor_in_the_fake_and_int8_paths():
-    from quantstudy.quantizers import QuantSpec, fake_quantize, quantize, using_compile_policy
+    from quantstudy.quantizers import QuantSpec, fake_quantize, quantize
+    from quantstudy.fused import using_compile_policy
     g = torch.randn(64, 4096) * 1e-13                                   # a gradient far below the 1e-9 floor
     assert (QuantSpec(8, "token")(g, "grad") == 0).all() and (fake_quantize(g, 8, 0) != 0).any()
     with using_compile_policy(min_numel=0, after_numel=0):              # the fused kernel applies the same floor
