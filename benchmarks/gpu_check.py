@@ -17,15 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.nn as nn
-from _common import interleaved, markdown_table, write_section
+from _common import interleaved, markdown_table, write_section, gpt2_small_params
 from _loops import plain_loop, run_train, synthetic_datasets
 import quantstudy.quantizers as qz
 import quantstudy.fused as fz
 from quantstudy import analysis
 from quantstudy.model import Recipe, build_model, gpt2_config
-from quantstudy.optim import OptimQuant, QAdamW, gpt2_small_params
+from quantstudy.optim import OptimQuant, QAdamW, make_optimizer
 from quantstudy.qlinear import LinearQuant, QuantLinear, int8_matmul, _pad_operands
-from quantstudy.train import TrainConfig, make_optimizer, tune_cpu_allocator, write_json
+from quantstudy.train import TrainConfig, tune_cpu_allocator, write_json
 
 PEAK_BF16 = 989e12   # H100 SXM dense bf16 FLOP/s (datasheet); the H200 has the same tensor cores and clocks
 W8A8 = dict(weight="8-channel", act="8-token")

@@ -1,7 +1,7 @@
 """One training step (forward, backward, optimizer) of a quantized GPT-2 vs the baseline, as ratios.
 
 CPU: the `smoke` preset's model and micro batch (fp32). GPU: GPT-2 `small` with the `paper` preset's micro batch
-(16 x 1024 tokens) under bf16 autocast. Every recipe uses QAdamW (`quantstudy.train.make_optimizer`); the baseline
+(16 x 1024 tokens) under bf16 autocast. Every recipe uses QAdamW (`quantstudy.optim.make_optimizer`); the baseline
 is also timed with `torch.optim.AdamW(foreach=True)` for reference. Targets: w8a8g8 within 1.15x of the baseline
 at smoke size on a CPU, within 1.10x at `small` on a GPU."""
 import contextlib
@@ -11,7 +11,8 @@ import quantstudy.fused as fz
 from quantstudy.model import build_model, Recipe
 from quantstudy.qlinear import LinearQuant
 from quantstudy.optim import OptimQuant
-from quantstudy.train import preset, make_optimizer
+from quantstudy.train import preset
+from quantstudy.optim import make_optimizer
 
 W8A8 = dict(weight="8-channel", act="8-token")
 RECIPES = {

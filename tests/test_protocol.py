@@ -148,7 +148,8 @@ def test_floor_in_the_fake_and_int8_paths():
 def _tiny_step(recipe, seed=0):
     "A tiny GPT-2 with `recipe` after one optimizer step of `make_optimizer` on a fixed batch."
     from quantstudy.model import build_model
-    from quantstudy.train import make_optimizer, preset
+    from quantstudy.optim import make_optimizer
+    from quantstudy.train import preset
     m = build_model("tiny", recipe, seed=seed)
     x = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)   # the same dropout masks in every call
