@@ -49,7 +49,7 @@ pytest: venv
 # not on a user's: ATen's AVX2 kernels (or none: `default`), MKL and oneDNN held to AVX2, 2 threads. The first pass
 # ran with this machine's own kernels (AVX-512 where it has them), 1 thread per notebook and torch's default in pytest;
 # the optimizer and quantizer tests also run on this machine's kernels with 1 thread, and on ATen's `default` kernels.
-NUMERICS_NBS := 00_quantizers|01_qlinear|03_optim|03a_moments|05_train|07_analysis
+NUMERICS_NBS := 00_quantizers|00a_fused|01_qlinear|03_optim|03a_moments|05_train|07_analysis
 FAST_NUMERICS := tests/test_optim.py tests/test_moments.py tests/test_quantizers.py tests/test_int8.py
 
 # Each kernel set compiles its own fused kernels: torch's inductor cache does not key on ATEN_CPU_CAPABILITY, and a

@@ -7,6 +7,15 @@ from quantstudy.train import tune_cpu_allocator
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
+def gpt2_small_params(device="cpu", n_layer=12, d=768, vocab=50257, ctx=1024):
+    "Random parameters (with random gradients) shaped like GPT-2 small's, in two param groups: matrices decay, vectors do not."
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(n_layer): shapes += [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
+    shapes += [(d,), (d,)]
+    ps = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+    for p in ps: p.grad = torch.randn_like(p) * 1e-3
+    return [{"params": [p for p in ps if p.dim() == 2], "weight_decay": 0.1}, {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+
 def parser(description: str) -> argparse.ArgumentParser:
     "The options every script takes."
     p = argparse.ArgumentParser(description=description)

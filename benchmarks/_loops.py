@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np, torch
 from transformers import TrainerCallback
 import quantstudy.train as qt
+from quantstudy.optim import make_optimizer
 from quantstudy.data import BlockDataset
 from quantstudy.model import build_model, eval_mode
 
@@ -82,7 +83,7 @@ class PlainLoop:
                                  embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **cfg.model).to(device).train()
         self.model.recipe = recipe if recipe is not None else self.model.recipe
         torch.manual_seed(cfg.seed)   # dropout's stream (CPU and CUDA) starts where the Trainer's does: it seeds too
-        self.opt, self.sched = qt.make_optimizer(self.model, cfg, recipe)
+        self.opt, self.sched = make_optimizer(self.model, cfg, recipe)
         self.fwd = torch.compile(self.model, backend=compile_backend) if compile_backend else self.model
         self.amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if qt.use_bf16(cfg) else contextlib.nullcontext
         self.accum = cfg.batch_size // cfg.micro_batch_size

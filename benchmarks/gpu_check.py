@@ -17,14 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.nn as nn
-from _common import interleaved, markdown_table, write_section
+from _common import interleaved, markdown_table, write_section, gpt2_small_params
 from _loops import plain_loop, run_train, synthetic_datasets
 import quantstudy.quantizers as qz
+import quantstudy.fused as fz
 from quantstudy import analysis
 from quantstudy.model import Recipe, build_model, gpt2_config
-from quantstudy.optim import OptimQuant, QAdamW, gpt2_small_params
+from quantstudy.optim import OptimQuant, QAdamW, make_optimizer
 from quantstudy.qlinear import LinearQuant, QuantLinear, int8_matmul, _pad_operands
-from quantstudy.train import TrainConfig, make_optimizer, tune_cpu_allocator, write_json
+from quantstudy.train import TrainConfig, tune_cpu_allocator, write_json
 
 PEAK_BF16 = 989e12   # H100 SXM dense bf16 FLOP/s (datasheet); the H200 has the same tensor cores and clocks
 W8A8 = dict(weight="8-channel", act="8-token")
@@ -77,12 +78,12 @@ def stage_correctness(R: Report, S: dict, dev: torch.device):
         for axis, sym, label in variants:
             x_cpu = (torch.randn(S["tokens"], S["d"], generator=g) * 3 + (0.5 if not sym else 0)).to(dtype)
             x = x_cpu.to(dev)
-            with qz.using_compile_policy(enabled=True, min_numel=0, after_numel=0):
-                fused = qz._fused(x, 8, axis, sym, "fake")
+            with fz.using_compile_policy(enabled=True, min_numel=0, after_numel=0):
+                fused = fz.try_fused(x, 8, axis, sym, "fake")
             eager, ref = qz._fake_quantize_eager(x, 8, axis, sym), qz._fake_quantize_eager(x_cpu, 8, axis, sym)
             name = f"fake_quantize compiled {label} {str(dtype)[6:]}"
             if fused is None:
-                R.add("FAIL", name, f"the compiled kernel did not run ({qz._broken.get(dev.type, 'policy')})"); continue
+                R.add("FAIL", name, f"the compiled kernel did not run ({fz._broken.get(dev.type, 'policy')})"); continue
             same_dev, same_cpu = torch.equal(fused, eager), torch.equal(eager.cpu(), ref)
             R.ok(same_dev and same_cpu, name, f"bit-identical to eager on {dev.type}: {same_dev}, eager on {dev.type} "
                  f"to the CPU reference: {same_cpu} ({(fused.cpu() != ref).sum().item()} of {ref.numel()} differ)")
@@ -236,7 +237,7 @@ def stage_throughput(R: Report, S: dict, dev: torch.device, tmp: Path):
               mfu_plain=mfu(pl), mfu_train=mfu(tr), flops_per_token=fpt)
     pair(None)
     base = rates["plain eager"]
-    with qz.using_compile_policy(after_numel=0):   # the steady state: quantizers compiled from the first step
+    with fz.using_compile_policy(after_numel=0):   # the steady state: quantizers compiled from the first step
         for name, recipe in RECIPES.items():
             if recipe is None: continue
             r = plain_loop(cfg, recipe, data, warm=S["tput_warm"], device=dev)["tokens_per_s"]
@@ -249,7 +250,7 @@ def stage_throughput(R: Report, S: dict, dev: torch.device, tmp: Path):
 def stage_int8(R: Report, S: dict, dev: torch.device):
     import int8
     policy = dict(after_numel=0) if dev.type == "cuda" else dict(min_numel=2 ** 40)   # CPU: no C++ compiles in --tiny
-    with qz.using_compile_policy(**policy):
+    with fz.using_compile_policy(**policy):
         rows = int8.measure(str(dev), S["int8_tokens"], S["int8_sizes"], S["reps"], verbose=False)
     for r in rows:
         R.ok(dev.type != "cuda" or (r[3] < 1 and r[6] < 1), f"int8 {r[0]}",

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from _common import parser, setup, interleaved, machine, markdown_table, write_section
 from quantstudy.qlinear import LinearQuant, QuantLinear
-from quantstudy.quantizers import set_compile_policy
+from quantstudy.fused import set_compile_policy
 
 RECIPE = dict(weight="8-channel", act="8-token", grad="8-token")
 LAYERS = {"medium": 1024, "large": 1280, "small": 768}   # GPT-2 widths; each block has d->3d, d->d, d->4d, 4d->d

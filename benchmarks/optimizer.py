@@ -1,6 +1,6 @@
 """QAdamW step time vs `torch.optim.AdamW(foreach=True)`, and the optimizer state it stores.
 
-Parameters and gradients shaped like GPT-2 small's (`quantstudy.optim.gpt2_small_params`); on a CPU by default a
+Parameters and gradients shaped like GPT-2 small's (`_common.gpt2_small_params`); on a CPU by default a
 2-layer, 8192-token-vocabulary cut of it (as notebook 03 does; `--full` for all 124M parameters).
 Targets: QAdamW with nothing quantized within 1.2x of AdamW(foreach=True); with 8-bit m and v within 2x.
 
@@ -11,8 +11,8 @@ Goals: 8-bit m+v state <= 0.26x AdamW's bytes, 4-bit <= 0.14x; QAdamW's step no 
 import importlib.util, os
 from pathlib import Path
 import torch
-from _common import parser, setup, interleaved, machine, markdown_table, write_section
-from quantstudy.optim import QAdamW, gpt2_small_params
+from _common import parser, setup, interleaved, machine, markdown_table, write_section, gpt2_small_params
+from quantstudy.optim import QAdamW
 
 CANDIDATES = {"AdamW(foreach=True)": None, "QAdamW, fp32 moments": "fp32", "QAdamW m8-channel": "m8-channel",
               "QAdamW m8-channel_v8-channel": "m8-channel_v8-channel", "QAdamW m4-channel_v4-channel": "m4-channel_v4-channel"}

@@ -5,7 +5,8 @@ after 2^28 elements; here it is compiled up front), `eager` the same arithmetic 
 Target: fused within 2x of the copy at fp32 for per-tensor and per-row (channel of W, token of X) scales."""
 import torch
 from _common import parser, setup, interleaved, machine, markdown_table, write_section
-from quantstudy.quantizers import fake_quantize, set_compile_policy, _fake_quantize_eager
+from quantstudy.quantizers import fake_quantize, _fake_quantize_eager
+from quantstudy.fused import set_compile_policy
 
 SHAPES = {"W 768x768": (768, 768), "W 3072x768": (3072, 768), "X 8192x768": (8192, 768), "X 8192x3072": (8192, 3072)}
 GRANULARITIES = {"W": [("tensor", None), ("channel", 0)], "X": [("tensor", None), ("token", 0), ("channel", 1)]}

@@ -1,17 +1,18 @@
 """One training step (forward, backward, optimizer) of a quantized GPT-2 vs the baseline, as ratios.
 
 CPU: the `smoke` preset's model and micro batch (fp32). GPU: GPT-2 `small` with the `paper` preset's micro batch
-(16 x 1024 tokens) under bf16 autocast. Every recipe uses QAdamW (`quantstudy.train.make_optimizer`); the baseline
+(16 x 1024 tokens) under bf16 autocast. Every recipe uses QAdamW (`quantstudy.optim.make_optimizer`); the baseline
 is also timed with `torch.optim.AdamW(foreach=True)` for reference. Targets: w8a8g8 within 1.15x of the baseline
 at smoke size on a CPU, within 1.10x at `small` on a GPU."""
 import contextlib
 import torch
 from _common import parser, setup, interleaved, machine, markdown_table, write_section
-import quantstudy.quantizers as qz
+import quantstudy.fused as fz
 from quantstudy.model import build_model, Recipe
 from quantstudy.qlinear import LinearQuant
 from quantstudy.optim import OptimQuant
-from quantstudy.train import preset, make_optimizer
+from quantstudy.train import preset
+from quantstudy.optim import make_optimizer
 
 W8A8 = dict(weight="8-channel", act="8-token")
 RECIPES = {
@@ -31,7 +32,7 @@ def make_step(cfg, recipe, device, adamw=False, eager=False, bf16=False):
            else make_optimizer(model, cfg, recipe)[0])
     ids = torch.randint(0, model.config.vocab_size, (cfg.micro_batch_size, cfg.block_size), device=device)
     def step():
-        with qz.using_compile_policy(enabled=False) if eager else contextlib.nullcontext():
+        with fz.using_compile_policy(enabled=False) if eager else contextlib.nullcontext():
             with torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -44,7 +45,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3, help="steps before timing")
     args = p.parse_args()
     setup(args)
-    qz.set_compile_policy(after_numel=0)   # the steady state: the default policy compiles a kind of call after 2^28 elements (~10 smoke steps)
+    fz.set_compile_policy(after_numel=0)   # the steady state: the default policy compiles a kind of call after 2^28 elements (~10 smoke steps)
     gpu = args.device.startswith("cuda")
     cfg = preset("paper") if gpu else preset("smoke")
     steps = {name: make_step(cfg, r, args.device, bf16=gpu, **kw) for name, (r, kw) in RECIPES.items()}
@@ -60,7 +61,7 @@ def main():
         rows.append([name, f"{t * 1e3:.1f}", ratio, "" if target is None else f"<= {target:.2f} {'met' if ratio <= target else 'missed'}"])
     table = markdown_table(["recipe", "ms / step", "/ baseline", "target"], rows)
     print(table)
-    print("compiled quantizer kinds:", sorted(k[:3] for k in qz._ready))
+    print("compiled quantizer kinds:", sorted(k[:3] for k in fz._ready))
     size = (f"GPT-2 {cfg.size}, micro batch {cfg.micro_batch_size} x {cfg.block_size}, bf16 autocast" if gpu else
             f"smoke preset: GPT-2 {', '.join(f'{k}={v}' for k, v in cfg.model.items())}, vocab 50257, micro batch "
             f"{cfg.micro_batch_size} x {cfg.block_size}, fp32")

@@ -17,8 +17,9 @@ from .qlinear import LinearQuant, QuantLinear, linear_modules, quantize_model, s
 from .model import RECIPE_FILE, Recipe, eval_mode, gpt2_config, load_model, model_device
 from .optim import QAdamW
 from .data import load_tokenizer, tokenize_corpus
-from .train import TrainConfig, make_optimizer, preset
+from .train import TrainConfig, preset
 from .rundir import RunDir, write_json
+from .optim import make_optimizer
 from .train import snapshots as run_snapshots
 
 # %% auto #0

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import re
 import torch
 import warnings
-from .quantizers import QuantSpec, compile_policy
+from .quantizers import QuantSpec
+from .fused import compile_policy
 
 # %% auto #0
 __all__ = ['NORMS', 'MAPS', 'SIGNED_MAPS', 'SCHEME_BITS', 'dynamic_map', 'code_table', 'MomentScheme', 'parse_moment']

@@ -7,11 +7,14 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 import torch
+from transformers import get_cosine_schedule_with_warmup
+from transformers.pytorch_utils import Conv1D
 from .quantizers import QuantSpec, qrange, quantize, dequantize, fake_quantize, _const
+from .qlinear import QuantConv1D, linear_modules
 from .moments import MomentScheme, parse_moment, _unpack   # the schemes beyond the paper's (notebook 03a)
 
 # %% auto #0
-__all__ = ['MOMENTS', 'OptimQuant', 'pack4', 'unpack4', 'QAdamW', 'gpt2_small_params', 'step_time']
+__all__ = ['MOMENTS', 'OptimQuant', 'pack4', 'unpack4', 'QAdamW', 'param_groups', 'make_optimizer']
 
 # %% ../nbs/03_optim.ipynb #62019519
 @dataclass(frozen=True)
@@ -153,39 +156,9 @@ def _chunks(items: list, numel: int, limit: int):
     n = max(1, limit // max(numel, 1))
     return [items[i:i + n] for i in range(0, len(items), n)]
 
-# %% ../nbs/03_optim.ipynb #cb40646f
-class QAdamW(torch.optim.Optimizer):
-    "AdamW (decoupled weight decay, torch's arithmetic) whose moments of 2-D parameters are stored quantized per `optim_quant`."
-    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, optim_quant: OptimQuant | dict | str | None = None, chunk_numel: int = 2 ** 25):
-        if not 0.0 <= lr: raise ValueError(f"lr={lr!r} must be >= 0")
-        if not 0.0 <= eps: raise ValueError(f"eps={eps!r} must be >= 0")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas): raise ValueError(f"betas={betas!r} must be two floats in [0, 1)")
-        if not 0.0 <= weight_decay: raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
-        if not (isinstance(chunk_numel, int) and chunk_numel > 0): raise ValueError(f"chunk_numel={chunk_numel!r} must be a positive int")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        optim_quant=OptimQuant.parse(optim_quant).to_dict(), chunk_numel=chunk_numel, channel_dim=0,
-                        quantize_moments=True)   # False: this group's moments stay fp32 (the trainer's embeddings)
-        super().__init__(params, defaults)
-        self._buffers = {}   # fp32 work buffers for the dequantized moments of one chunk: not state, never saved
-
-    def add_param_group(self, param_group: dict):
-        super().add_param_group(param_group)
-        g = self.param_groups[-1]  # keep only plain data in param_groups: state_dict must load with weights_only
-        g["optim_quant"] = OptimQuant.parse(g["optim_quant"]).to_dict()
-        g["betas"] = tuple(g["betas"])
-        if g["channel_dim"] not in (0, 1):
-            raise ValueError(f"channel_dim={g['channel_dim']!r} must be 0 (weights stored [out, in]) or 1 ([in, out], HF Conv1D)")
-        if not isinstance(g["quantize_moments"], bool):
-            raise ValueError(f"quantize_moments={g['quantize_moments']!r} must be True or False")
-
-    @staticmethod
-    def specs(p: torch.Tensor, optim_quant: OptimQuant, quantize: bool = True) -> dict:
-        "The spec (or None: fp32) of each moment of `p`: only 2-D parameters of a group that quantizes moments."
-        if p.dim() != 2 or not quantize: return {n: None for n in MOMENTS}
-        return {"exp_avg": optim_quant.m, "exp_avg_sq": optim_quant.v}
-
-    # state of one parameter
+# %% ../nbs/03_optim.ipynb #2aadc8b3
+class _StoredMoments:
+    "Write and read back the moments of each parameter in `self.state` (fp32, codes of a `QuantSpec` or of a `MomentScheme`)."
     def _write(self, p, name: str, x: torch.Tensor, spec: QuantSpec | None, channel_dim: int = 0):
         "Store the moment `x` of `p` as `spec` says (first step, or a change of spec)."
         state = self.state[p]
@@ -201,6 +174,15 @@ class QAdamW(torch.optim.Optimizer):
         state[f"{name}_codes"], state[f"{name}_scale"], state[f"{name}_bits"] = _code_tensor(q, spec.bits)[0], scale[0], spec.bits
         if zero is not None: state[f"{name}_zero"] = zero[0]
 
+    def moment(self, p: torch.Tensor, name: str = "exp_avg_sq") -> torch.Tensor:
+        "The stored moment `name` (`exp_avg` = m, `exp_avg_sq` = v) of `p`, dequantized to fp32."
+        state = self._state_of(p, name)
+        if name in state: return state[name].float().clone()
+        if f"{name}_scheme" in state: return _decode_scheme([state], name, p.shape)[0]
+        zero = state.get(f"{name}_zero")
+        return _decode(state[f"{name}_codes"][None], state[f"{name}_scale"][None], None if zero is None else zero[None],
+                       state[f"{name}_bits"], p.shape)[0]
+
     def _prepare(self, p, specs: dict, channel_dim: int = 0):
         "Create the state of `p` at its first step, or re-store a moment whose layout differs from its spec."
         state = self.state[p]
@@ -212,6 +194,41 @@ class QAdamW(torch.optim.Optimizer):
             if _stored_layout(state, name) != _layout(spec, p.shape, channel_dim):
                 self._write(p, name, self.moment(p, name), spec, channel_dim)
 
+    def _state_of(self, p, name):
+        if name not in MOMENTS: raise ValueError(f"name={name!r} is not one of {MOMENTS}")
+        if not self.state.get(p): raise ValueError("this parameter has no optimizer state yet: call step() first")
+        return self.state[p]
+
+# %% ../nbs/03_optim.ipynb #1ad22f84
+class _SavedMoments(_StoredMoments):
+    "The integer codes and bytes of the stored moments, and an exact `load_state_dict`."
+    def moment_codes(self, p: torch.Tensor, name: str = "exp_avg_sq") -> torch.Tensor:
+        "The integer codes (int8, shaped like `p`, unpacked) of the quantized moment `name` of `p`."
+        state = self._state_of(p, name)
+        if name in state: raise ValueError(f"moment {name!r} of this parameter is stored in fp32, not quantized")
+        if f"{name}_scheme" in state:   # indices into the scheme's code table, 0 .. 2^b - 1
+            return _unpack(state[f"{name}_codes"][None], p.numel(), MomentScheme.parse(state[f"{name}_scheme"]).bits)[0].to(torch.uint8).reshape(p.shape)
+        codes, bits = state[f"{name}_codes"], state[f"{name}_bits"]
+        return (unpack4(codes, p.numel()) if bits <= 4 else codes).reshape(p.shape)
+
+    def state_bytes(self) -> int:
+        "Bytes of all stored optimizer state: codes, scales, zero points, fp32 moments and step counters."
+        return sum(t.nbytes for s in self.state.values() for t in s.values() if torch.is_tensor(t))
+
+    def load_state_dict(self, state_dict: dict):
+        "torch's `load_state_dict`, then the integer codes and fp32 scales put back exactly (torch casts them to the param dtype)."
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, s in saved.items():
+            p = params[i]
+            for key, val in s.items():
+                if key.endswith(("_codes", "_scale", "_zero")): self.state[p][key] = val.to(p.device, copy=True)
+                elif key.endswith("_scheme"): self.state[p][key] = val   # a str, which torch's cast turns into a generator
+
+# %% ../nbs/03_optim.ipynb #43ce435b
+class _MomentStacks:
+    "Dequantize the moments of equally shaped parameters into one reused fp32 stack, and re-quantize the stack."
     def _buffer(self, device, slot: int, numel: int) -> torch.Tensor:
         "A reused fp32 buffer (one per device and moment) of at least `numel` elements: see `chunk_numel`."
         buf = self._buffers.get((device, slot))
@@ -248,7 +265,9 @@ class QAdamW(torch.optim.Optimizer):
         torch._foreach_copy_([s[f"{name}_scale"] for s in states], list(scale.unbind(0)))
         if zero is not None: torch._foreach_copy_([s[f"{name}_zero"] for s in states], list(zero.unbind(0)))
 
-    # the step
+# %% ../nbs/03_optim.ipynb #fa9b3ade
+class _AdamWStep:
+    "The AdamW step of `QAdamW` over its param groups, fp32 and quantized moments batched apart."
     @torch.no_grad()
     def step(self, closure=None):
         "One AdamW step for every parameter with a gradient (None: skipped); `closure` re-evaluates the loss."
@@ -284,62 +303,56 @@ class QAdamW(torch.optim.Optimizer):
                     if v_stack is not None: self._write_stack(ps, "exp_avg_sq", v_stack, specs["exp_avg_sq"], group["channel_dim"])
         return loss
 
-    # state: save, load, measure, inspect
-    def load_state_dict(self, state_dict: dict):
-        "torch's `load_state_dict`, then the integer codes and fp32 scales put back exactly (torch casts them to the param dtype)."
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, s in saved.items():
-            p = params[i]
-            for key, val in s.items():
-                if key.endswith(("_codes", "_scale", "_zero")): self.state[p][key] = val.to(p.device, copy=True)
-                elif key.endswith("_scheme"): self.state[p][key] = val   # a str, which torch's cast turns into a generator
+# %% ../nbs/03_optim.ipynb #166c536c
+class QAdamW(_SavedMoments, _MomentStacks, _AdamWStep, torch.optim.Optimizer):
+    "AdamW (decoupled weight decay, torch's arithmetic) whose moments of 2-D parameters are stored quantized per `optim_quant`."
+    def __init__(self, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, optim_quant: OptimQuant | dict | str | None = None, chunk_numel: int = 2 ** 25):
+        if not 0.0 <= lr: raise ValueError(f"lr={lr!r} must be >= 0")
+        if not 0.0 <= eps: raise ValueError(f"eps={eps!r} must be >= 0")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas): raise ValueError(f"betas={betas!r} must be two floats in [0, 1)")
+        if not 0.0 <= weight_decay: raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        if not (isinstance(chunk_numel, int) and chunk_numel > 0): raise ValueError(f"chunk_numel={chunk_numel!r} must be a positive int")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        optim_quant=OptimQuant.parse(optim_quant).to_dict(), chunk_numel=chunk_numel, channel_dim=0,
+                        quantize_moments=True)   # False: this group's moments stay fp32 (the trainer's embeddings)
+        super().__init__(params, defaults)
+        self._buffers = {}   # fp32 work buffers for the dequantized moments of one chunk: not state, never saved
 
-    def state_bytes(self) -> int:
-        "Bytes of all stored optimizer state: codes, scales, zero points, fp32 moments and step counters."
-        return sum(t.nbytes for s in self.state.values() for t in s.values() if torch.is_tensor(t))
+    def add_param_group(self, param_group: dict):
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]  # keep only plain data in param_groups: state_dict must load with weights_only
+        g["optim_quant"] = OptimQuant.parse(g["optim_quant"]).to_dict()
+        g["betas"] = tuple(g["betas"])
+        if g["channel_dim"] not in (0, 1):
+            raise ValueError(f"channel_dim={g['channel_dim']!r} must be 0 (weights stored [out, in]) or 1 ([in, out], HF Conv1D)")
+        if not isinstance(g["quantize_moments"], bool):
+            raise ValueError(f"quantize_moments={g['quantize_moments']!r} must be True or False")
 
-    def moment(self, p: torch.Tensor, name: str = "exp_avg_sq") -> torch.Tensor:
-        "The stored moment `name` (`exp_avg` = m, `exp_avg_sq` = v) of `p`, dequantized to fp32."
-        state = self._state_of(p, name)
-        if name in state: return state[name].float().clone()
-        if f"{name}_scheme" in state: return _decode_scheme([state], name, p.shape)[0]
-        zero = state.get(f"{name}_zero")
-        return _decode(state[f"{name}_codes"][None], state[f"{name}_scale"][None], None if zero is None else zero[None],
-                       state[f"{name}_bits"], p.shape)[0]
+    @staticmethod
+    def specs(p: torch.Tensor, optim_quant: OptimQuant, quantize: bool = True) -> dict:
+        "The spec (or None: fp32) of each moment of `p`: only 2-D parameters of a group that quantizes moments."
+        if p.dim() != 2 or not quantize: return {n: None for n in MOMENTS}
+        return {"exp_avg": optim_quant.m, "exp_avg_sq": optim_quant.v}
 
-    def moment_codes(self, p: torch.Tensor, name: str = "exp_avg_sq") -> torch.Tensor:
-        "The integer codes (int8, shaped like `p`, unpacked) of the quantized moment `name` of `p`."
-        state = self._state_of(p, name)
-        if name in state: raise ValueError(f"moment {name!r} of this parameter is stored in fp32, not quantized")
-        if f"{name}_scheme" in state:   # indices into the scheme's code table, 0 .. 2^b - 1
-            return _unpack(state[f"{name}_codes"][None], p.numel(), MomentScheme.parse(state[f"{name}_scheme"]).bits)[0].to(torch.uint8).reshape(p.shape)
-        codes, bits = state[f"{name}_codes"], state[f"{name}_bits"]
-        return (unpack4(codes, p.numel()) if bits <= 4 else codes).reshape(p.shape)
+# %% ../nbs/03_optim.ipynb #859383ba
+def param_groups(model: torch.nn.Module, weight_decay: float, optim_quant: OptimQuant | dict | str | None = None) -> list[dict]:
+    "`QAdamW`'s groups: linear weights `[out, in]`, `[in, out]` (`channel_dim=1`), other matrices (embeddings), vectors (no decay)."
+    oq = OptimQuant.parse(optim_quant)
+    linears = linear_modules(model).values()
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}   # wte (= the tied head), wpe
+    linear = {id(m.weight) for m in linears} - embeddings
+    in_out = {id(m.weight) for m in linears if isinstance(m, (Conv1D, QuantConv1D))} & linear
+    params = [p for _, p in model.named_parameters() if p.requires_grad]   # each shared Parameter once
+    matrices = [p for p in params if p.dim() >= 2]
+    return [dict(params=[p for p in matrices if id(p) in linear - in_out], weight_decay=weight_decay),
+            dict(params=[p for p in matrices if id(p) in in_out], weight_decay=weight_decay, channel_dim=1),
+            dict(params=[p for p in matrices if id(p) not in linear], weight_decay=weight_decay,
+                 quantize_moments=oq.embeddings),   # the authors quantize linear-layer weights' moments only
+            dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
 
-    def _state_of(self, p, name):
-        if name not in MOMENTS: raise ValueError(f"name={name!r} is not one of {MOMENTS}")
-        if not self.state.get(p): raise ValueError("this parameter has no optimizer state yet: call step() first")
-        return self.state[p]
-
-# %% ../nbs/03_optim.ipynb #5ffcb364
-def gpt2_small_params(device="cpu", n_layer=12, d=768, vocab=50257, ctx=1024):
-    "Random parameters (with random gradients) shaped like GPT-2 small's, in the trainer's two param groups."
-    shapes = [(vocab, d), (ctx, d)]
-    for _ in range(n_layer): shapes += [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
-    shapes += [(d,), (d,)]
-    ps = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
-    for p in ps: p.grad = torch.randn_like(p) * 1e-3
-    return [{"params": [p for p in ps if p.dim() == 2], "weight_decay": 0.1}, {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
-
-def step_time(make_opt, device="cpu", steps=5, **kw) -> float:
-    "Median seconds per `step()` of the optimizer `make_opt(param_groups)` on GPT-2-small-shaped tensors."
-    import time, statistics
-    opt = make_opt(gpt2_small_params(device, **kw))
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    opt.step(); sync()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter(); opt.step(); sync(); times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def make_optimizer(model: torch.nn.Module, cfg, recipe=None):
+    "`QAdamW` over `param_groups(model)` with `cfg`'s AdamW settings (a `TrainConfig`) and `recipe.optim`, and its cosine schedule."
+    oq = OptimQuant.parse(recipe.optim if recipe is not None else None)
+    opt = QAdamW(param_groups(model, cfg.weight_decay, oq), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, optim_quant=oq)
+    return opt, get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)

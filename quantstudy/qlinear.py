@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
-from .quantizers import QuantSpec, quantize, dequantize, compile_policy
+from .quantizers import QuantSpec, quantize, dequantize
+from .fused import compile_policy
 
 # %% auto #0
 __all__ = ['BACKWARDS', 'KERNELS', 'GRAD_PLACEMENTS', 'MODULE_SETS', 'HEAD', 'LinearQuant', 'quant_linear', 'QuantLinear',

@@ -4,15 +4,12 @@
 
 # %% ../nbs/00_quantizers.ipynb #494be734
 from __future__ import annotations
-from collections import defaultdict
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
-import math, os, re, warnings
+from dataclasses import dataclass
+import math, re
 import torch
 
 # %% auto #0
-__all__ = ['BITS', 'GRANULARITIES', 'FLOORS', 'qrange', 'qparams', 'quantize', 'dequantize', 'fake_quantize', 'CompilePolicy',
-           'compile_policy', 'set_compile_policy', 'using_compile_policy', 'QuantSpec']
+__all__ = ['BITS', 'GRANULARITIES', 'FLOORS', 'qrange', 'qparams', 'quantize', 'dequantize', 'fake_quantize', 'QuantSpec']
 
 # %% ../nbs/00_quantizers.ipynb #f6e47ae6
 BITS = range(2, 17)  # bit widths a quantizer accepts
@@ -57,7 +54,7 @@ def qparams(x: torch.Tensor, bits: int, axis: int | None = None, symmetric: bool
 
 _CONSTS = {}
 def _const(v: int | float, device) -> torch.Tensor:
-    "`v` as a cached 0-d fp32 tensor on `device`: dividing by it is an IEEE division on every device (see *Speed* below)."
+    "`v` as a cached 0-d fp32 tensor on `device`: dividing by it is an IEEE division on every device (see notebook 00a_fused)."
     t = _CONSTS.get((v, device))
     if t is None:
         with torch.inference_mode(False): t = _CONSTS[(v, device)] = torch.tensor(float(v), device=device)
@@ -89,7 +86,7 @@ def _fake_quantize(x, bits, axis, symmetric, floor=0.0):
     return fused if fused is not None else _fake_quantize_eager(x, bits, axis, symmetric, floor)
 
 def _fake_quantize_eager(x, bits, axis, symmetric, floor=0.0):
-    "Eq. (1) in eager ops: the reference the fused kernel below reproduces bit for bit."
+    "Eq. (1) in eager ops: the reference `quantstudy.fused` reproduces bit for bit."
     n, p = qrange(bits)
     scale, zero = qparams(x, bits, axis, symmetric, floor)
     q = torch.round(x.float() / scale)
@@ -108,147 +105,14 @@ def fake_quantize(x: torch.Tensor, bits: int, axis: int | None = None, symmetric
     if x.requires_grad and torch.is_grad_enabled(): return _STE.apply(x, bits, axis, symmetric, floor)
     return _fake_quantize(x, bits, axis, symmetric, floor)
 
-# %% ../nbs/00_quantizers.ipynb #3e1cac7c
-@dataclass(frozen=True)
-class CompilePolicy:
-    "When quantizers run as one fused `torch.compile` kernel: `enabled`, for tensors of `min_numel`+ elements, after `after_numel` eager ones."
-    enabled: bool = True
-    min_numel: int = 2 ** 18      # smaller tensors: eager (the call overhead of a compiled graph is ~20 us)
-    after_numel: int = 2 ** 28    # elements one kind of call quantizes eagerly before it is compiled
-
-    def __post_init__(self):
-        if not isinstance(self.enabled, bool): raise ValueError(f"enabled={self.enabled!r} must be True or False")
-        for k in ("min_numel", "after_numel"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0: raise ValueError(f"{k}={v!r} must be an int >= 0")
-
-    @classmethod
-    def from_env(cls, value: str | None = None) -> "CompilePolicy":
-        "The policy `$QUANTSTUDY_COMPILE` (or `value`) asks for: `0` eager only, `1` compile at the first large call, `auto` the default."
-        value = os.environ.get("QUANTSTUDY_COMPILE", "auto") if value is None else value
-        v = value.strip().lower()
-        if v in ("0", "false", "off", "no"): return cls(enabled=False)
-        if v in ("1", "true", "on", "yes"): return cls(after_numel=0)
-        if v in ("", "auto"): return cls()
-        raise ValueError(f"QUANTSTUDY_COMPILE={value!r} is not understood: use 0 (eager only), 1 (compile at first use) or auto")
-
-_POLICY = CompilePolicy.from_env()
-
-def compile_policy() -> CompilePolicy:
-    "The policy in force."
-    return _POLICY
-
-def set_compile_policy(policy: CompilePolicy | None = None, **changes) -> CompilePolicy:
-    "Put `policy` (default: the current one) with `changes` in force; returns the previous policy."
-    global _POLICY
-    old, _POLICY = _POLICY, replace(policy or _POLICY, **changes)
-    return old
-
-@contextmanager
-def using_compile_policy(policy: CompilePolicy | None = None, **changes):
-    "`set_compile_policy` for the duration of a `with` block."
-    old = set_compile_policy(policy, **changes)
-    try: yield _POLICY
-    finally: set_compile_policy(old)
-
-# %% ../nbs/00_quantizers.ipynb #80b90f0a
-_CODES = {"int8": torch.int8, "int16": torch.int16}   # outputs besides "fake": the codes' dtype
-_TINY = torch.finfo(torch.float32).tiny                # below it a scale is subnormal, rounded coarsely
-
-def _fused_body(x, n, p, dim: int, symmetric: bool, out: str, checked: bool, floor=None):
-    "`qparams` then `_fake_quantize_eager` (`out='fake'`) or `quantize`, op for op, reducing `dim` of `x`; `n`, `p` (and a `floor`) 0-d fp32."
-    xf = x.float()
-    if symmetric:
-        amax = xf.abs().amax(dim, keepdim=True)
-        s = (amax if floor is None else torch.maximum(amax, floor)) / p
-    else:
-        lo, hi = xf.amin(dim, keepdim=True).clamp(max=0), xf.amax(dim, keepdim=True).clamp(min=0)
-        s = ((hi - lo) if floor is None else torch.maximum(hi - lo, floor)) / (p - n)
-    scale = torch.where(s > 0, s, torch.ones_like(s))
-    q, zero, unsafe = torch.round(xf / scale), None, None
-    if not symmetric:
-        zero = torch.round(lo / scale) - n
-        q = q - zero
-    if checked: unsafe = (((s < _TINY) & (s > 0)) | s.isnan()).any()   # the clamp is skipped: see `_fused`
-    else: q = q.clamp(n, p)
-    if out != "fake": return q.to(_CODES[out]), scale, zero, unsafe
-    if zero is not None: q = q + zero
-    return (q * scale).to(x.dtype), unsafe
-
-_INDUCTOR = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}  # exact division on GPUs
-_KERNELS = {}
-
-def _kernel(kind: str, symmetric: bool, out: str, checked: bool, floored: bool = False):
-    "The compiled kernel of one variant (created on first use; inductor compiles it at its first call); `floored`: it takes a floor."
-    key = (kind, symmetric, out, checked, floored)
-    if key not in _KERNELS:
-        dim = 1 if kind == "rows" else 0
-        if floored:
-            def fused(x, n, p, floor): return _fused_body(x, n, p, dim, symmetric, out, checked, floor)
-        else:
-            def fused(x, n, p): return _fused_body(x, n, p, dim, symmetric, out, checked)
-        # a code object of its own: dynamo keeps compiled graphs, and its recompile limit, per code object
-        fused.__code__ = fused.__code__.replace(co_name=f"fused_{kind}_{'sym' if symmetric else 'asym'}_{out}{'_checked' * checked}{'_floored' * floored}")
-        _KERNELS[key] = torch.compile(fused, dynamic=True, fullgraph=True, options=_INDUCTOR)
-    return _KERNELS[key]
-
-def _fused_view(x, axis):
-    "`(kind, view, transposed)`: the 1-D or 2-D contiguous view of `x` a kernel runs on, or None if there is none."
-    d = x.dim()
-    if d == 0 or (axis is not None and not -d <= axis < d): return None   # eager raises the error
-    t, transposed = x, False
-    if not x.is_contiguous():
-        if d != 2 or not x.t().is_contiguous(): return None
-        t, transposed = x.t(), True
-    if axis is None: return "all", t.view(-1), transposed
-    a = axis % d
-    if transposed: a = 1 - a
-    k = t.shape[a]
-    lead = math.prod(t.shape[:a])
-    if lead == 1: return "rows", t.view(k, -1), transposed
-    if lead * k == t.numel(): return "cols", t.view(lead, k), transposed
-    return None
-
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_eager_numel = defaultdict(int)   # kind of call -> elements quantized eagerly so far
-_ready = set()                    # kinds of call that run compiled
-_broken = {}                      # device type -> the exception compiling raised there
+# %% ../nbs/00_quantizers.ipynb #a46db6a9
+_try_fused = None   # `quantstudy.fused.try_fused`, bound at the first call: that module imports this one
 
 def _fused(x, bits, axis, symmetric, out, floor=0.0):
-    "The fused kernel's result for `x`, or None where the policy, device, dtype or layout calls for eager ops."
-    pol, numel = _POLICY, x.numel()
-    if not pol.enabled or numel < pol.min_numel or numel == 0 or x.dtype not in _FUSED_DTYPES: return None
-    device = x.device
-    dev = device.type
-    if (dev != "cpu" and dev != "cuda") or dev in _broken or torch.compiler.is_compiling(): return None
-    view = _fused_view(x, axis)
-    if view is None: return None
-    kind, v, transposed = view
-    key = (kind, symmetric, out, dev, x.dtype)
-    if key not in _ready:
-        _eager_numel[key] += numel
-        if _eager_numel[key] <= pol.after_numel: return None
-        _ready.add(key)
-    n, p = qrange(bits)
-    checked = symmetric and dev == "cpu"   # reading a flag back costs nothing on a CPU (a sync on a GPU)
-    try:
-        with torch.no_grad(), torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext():
-            args = (v.detach(), _const(n, device), _const(p, device)) + ((_const(_check_floor(floor), device),) if floor else ())
-            *res, unsafe = _kernel(kind, symmetric, out, checked, bool(floor))(*args)
-    except Exception as e:   # eager is always right: fall back for good on this device
-        _broken[dev] = e
-        warnings.warn(f"quantstudy: torch.compile of the fused quantizer failed on {dev} ({type(e).__name__}: {e}); "
-                      "using eager ops from now on (set QUANTSTUDY_COMPILE=0 to skip the attempt)")
-        return None
-    if unsafe is not None and unsafe.item(): return None   # a NaN or subnormal scale: the clamp matters, go eager
-    if out == "fake": return _unview(res[0], x.shape, transposed)
-    codes, scale, zero = res
-    kshape = [1] * x.dim() if axis is None else [s if d == axis % x.dim() else 1 for d, s in enumerate(x.shape)]
-    return _unview(codes, x.shape, transposed), scale.view(kshape), None if zero is None else zero.view(kshape)
-
-def _unview(y, shape, transposed: bool):
-    "The kernel's output `y` in the layout of the input (of `shape`): what eager ops return."
-    return y.view(shape[::-1]).t() if transposed else y.view(shape)
+    "The fused kernel's result for `x` (notebook 00a), or None where the eager ops above must run."
+    global _try_fused
+    if _try_fused is None: from quantstudy.fused import try_fused as _try_fused
+    return _try_fused(x, bits, axis, symmetric, out, floor)
 
 # %% ../nbs/00_quantizers.ipynb #b9063fdf
 GRANULARITIES = ("tensor", "channel", "token")

@@ -13,12 +13,10 @@ except ImportError:   # only the command line needs fastcore: `train` (and the G
     def call_parse(f):
         if __name__ == "__main__": raise SystemExit("python -m quantstudy.train needs fastcore: pip install fastcore")
         return f
-from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.pytorch_utils import Conv1D
 from .model import SIZES, Recipe, build_model, save_model
-from .qlinear import QuantConv1D
-from .optim import OptimQuant, QAdamW
+from .optim import make_optimizer
 from .data import BlockDataset, load_tokenizer, tokenize_corpus
 from .host import tune_cpu_allocator
 from .rundir import RunDir, checkpoint_problem
@@ -26,8 +24,7 @@ from .rundir import RunDir, checkpoint_problem
 # %% auto #0
 __all__ = ['FIELD_RULES', 'PRESETS', 'SNAPSHOTS', 'check_model_fields', 'TrainConfig', 'preset', 'use_bf16', 'DivergenceCallback',
            'curves_from_history', 'ProgressLines', 'resume_checkpoint', 'SnapshotCallback', 'snapshots',
-           'finite_weights', 'last_finite_checkpoint', 'make_optimizer', 'training_args', 'datasets_for', 'train',
-           'main']
+           'finite_weights', 'last_finite_checkpoint', 'training_args', 'datasets_for', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #3585fff8
 def _int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)   # JSON `true` is not a step count
@@ -287,23 +284,6 @@ def finite_weights(ckpt) -> bool:
 def last_finite_checkpoint(out_dir) -> Path | None:
     "The newest complete checkpoint of `out_dir` whose weights are all finite, or None."
     return next((p for _, p in sorted(RunDir(out_dir).checkpoints().items(), reverse=True) if finite_weights(p)), None)
-
-# %% ../nbs/05_train.ipynb #ac4a0a06
-def make_optimizer(model, cfg: TrainConfig, recipe: Recipe | None = None):
-    "`QAdamW` with decoupled weight decay on matrices only and the recipe's moment quantization (linear-layer weights; embeddings if asked), and its schedule."
-    decay = set(Trainer.get_decay_parameter_names(None, model))  # a method that does not use `self`
-    in_out = {id(m.weight) for m in model.modules() if isinstance(m, (Conv1D, QuantConv1D))}
-    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}   # wte (= the tied head), wpe
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    oq = OptimQuant.parse(recipe.optim if recipe is not None else None)
-    linear = [p for n, p in named if n in decay and id(p) not in embedding]
-    groups = [dict(params=[p for p in linear if id(p) not in in_out], weight_decay=cfg.weight_decay),
-              dict(params=[p for p in linear if id(p) in in_out], weight_decay=cfg.weight_decay, channel_dim=1),
-              dict(params=[p for n, p in named if n in decay and id(p) in embedding], weight_decay=cfg.weight_decay,
-                   quantize_moments=oq.embeddings),   # the authors quantize linear-layer weights' moments only
-              dict(params=[p for n, p in named if n not in decay], weight_decay=0.0)]
-    opt = QAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, optim_quant=oq)
-    return opt, get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
 
 # %% ../nbs/05_train.ipynb #be2d4176
 def _world_size() -> int: return int(os.environ.get("WORLD_SIZE", "1"))

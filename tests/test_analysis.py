@@ -12,7 +12,8 @@ from quantstudy.analysis import (ANALYSES, FIGURE_FILES, ActivationCallback, act
 from quantstudy.model import Recipe, build_model
 from quantstudy.optim import OptimQuant, QAdamW
 from quantstudy.qlinear import LinearQuant, quantized_modules
-from quantstudy.train import TrainConfig, make_optimizer, train
+from quantstudy.optim import make_optimizer
+from quantstudy.train import TrainConfig, train
 
 pytestmark = pytest.mark.numerics   # thresholds on sharpness, gradient errors and zero bins: rerun on AVX2
 MINI = dict(n_layer=1, n_head=2, n_embd=32, vocab_size=1000)   # profiled in milliseconds

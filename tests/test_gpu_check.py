@@ -40,7 +40,7 @@ def test_hiding_works():
     assert r.stdout.strip() == "hidden", r.stderr
 
 def test_gpu_facing_modules_import_without_heavy_packages():
-    mods = ["quantstudy.quantizers", "quantstudy.qlinear", "quantstudy.model", "quantstudy.optim", "quantstudy.train",
+    mods = ["quantstudy.quantizers", "quantstudy.fused", "quantstudy.qlinear", "quantstudy.model", "quantstudy.optim", "quantstudy.train",
             "quantstudy.data", "quantstudy.analysis"]
     code = hide(HEAVY) + "\nimport importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in mods) + textwrap.dedent(f"""
         sys.path.insert(0, "benchmarks")

@@ -217,7 +217,7 @@ def test_zero_excluded_v_trains_where_the_paper_v_blows_up(data_dir):
 def test_compiled_search_equals_bucketize():
     "The compiled branchless search of large tensors gives bucketize's integers, midpoints (ties) included."
     from quantstudy.moments import _nearest
-    from quantstudy.quantizers import using_compile_policy
+    from quantstudy.fused import using_compile_policy
     for m, bits in (("dynamic", 8), ("udynamic", 4)):
         t = code_table(m, bits)
         mid = (t[1:] + t[:-1]) / 2

@@ -295,3 +295,73 @@ def test_channel_dim_1_is_per_output_column():
     assert ob.state[b]["exp_avg_sq_scale"].shape == (1, 6)
     with pytest.raises(ValueError, match="channel_dim=2"):
         QAdamW([{"params": [torch.nn.Parameter(torch.ones(2, 2))], "channel_dim": 2}])
+
+# --- make_optimizer: the trainer's param groups ------------------------------------------------------------
+
+def trainer_rule_groups(model, weight_decay, oq):
+    "The groups `train.make_optimizer` built before (decay by HF Trainer's rule): the reference `param_groups` must match."
+    from transformers import Trainer
+    from transformers.pytorch_utils import Conv1D
+    from quantstudy.qlinear import QuantConv1D
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    in_out = {id(m.weight) for m in model.modules() if isinstance(m, (Conv1D, QuantConv1D))}
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    linear = [p for n, p in named if n in decay and id(p) not in embedding]
+    return [dict(params=[p for p in linear if id(p) not in in_out], weight_decay=weight_decay),
+            dict(params=[p for p in linear if id(p) in in_out], weight_decay=weight_decay, channel_dim=1),
+            dict(params=[p for n, p in named if n in decay and id(p) in embedding], weight_decay=weight_decay,
+                 quantize_moments=OptimQuant.parse(oq).embeddings),
+            dict(params=[p for n, p in named if n not in decay], weight_decay=0.0)]
+
+def same_groups(a, b):
+    assert len(a) == len(b) == 4
+    for ga, gb in zip(a, b):
+        assert [id(p) for p in ga["params"]] == [id(p) for p in gb["params"]]   # the same tensors, in the same order
+        assert {k: v for k, v in ga.items() if k != "params"} == {k: v for k, v in gb.items() if k != "params"}
+
+def gpt2_models():
+    from quantstudy.model import Recipe, build_model
+    from quantstudy.qlinear import LinearQuant
+    yield "plain", build_model("tiny")
+    yield "quantized, head too", build_model("tiny", Recipe(linear=LinearQuant(weight="8-channel", act="8-token")))
+
+@pytest.mark.parametrize("oq", [None, "m8-channel", "m8-channel_v8-tensor_emb"])
+def test_param_groups_are_the_trainer_rule_groups_for_gpt2(oq):
+    from quantstudy.optim import param_groups
+    for label, m in gpt2_models():
+        groups = param_groups(m, 0.1, oq)
+        same_groups(groups, trainer_rule_groups(m, 0.1, oq))
+        names = {id(p): n for n, p in m.named_parameters()}
+        decayed = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+        linear = {f"transformer.h.{i}.{n}.weight" for i in range(m.config.n_layer) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+        assert decayed == linear | {"transformer.wte.weight", "transformer.wpe.weight"}, label   # the head is wte
+        assert all(n.endswith("bias") or ".ln_" in n for n in set(names.values()) - decayed), label
+        assert {names[id(p)] for p in groups[1]["params"]} == linear and not groups[0]["params"]   # GPT-2: Conv1D, [in, out]
+
+def test_param_groups_by_module_type():
+    "nn.Linear weights `[out, in]` are linear weights; an embedding keeps fp32 moments; LayerNorm and biases do not decay."
+    from quantstudy.optim import param_groups
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4, bias=False))
+    groups = param_groups(m, 0.05, "m8-channel")
+    same_groups(groups, trainer_rule_groups(m, 0.05, "m8-channel"))
+    assert [p is m[1].weight for p in groups[0]["params"]] == [True, False] and groups[0]["params"][1] is m[3].weight
+    assert groups[2]["params"] == [m[0].weight] and groups[2]["quantize_moments"] is False
+    assert {id(p) for p in groups[3]["params"]} == {id(m[1].bias), id(m[2].weight), id(m[2].bias)} and groups[3]["weight_decay"] == 0
+
+def test_make_optimizer_quantizes_the_linear_weights_moments_only():
+    from quantstudy.model import Recipe, build_model
+    from quantstudy.optim import make_optimizer
+    from quantstudy.train import preset
+    cfg = preset("smoke")
+    m = build_model("tiny", Recipe(optim=OptimQuant(m="8-channel")))
+    opt, sched = make_optimizer(m, cfg, Recipe(optim=OptimQuant(m="8-channel")))
+    assert isinstance(opt, QAdamW) and [g["lr"] for g in opt.param_groups] == [0.0] * 4   # warm-up starts at 0
+    assert opt.param_groups[0]["betas"] == tuple(cfg.betas) and opt.param_groups[0]["eps"] == cfg.eps
+    for p in m.parameters(): p.grad = torch.full_like(p, 1e-3)
+    opt.step(); sched.step()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    conv = opt.param_groups[1]["params"]
+    assert conv and all("exp_avg_codes" in opt.state[p] and "exp_avg_sq" in opt.state[p] for p in conv)
+    assert all("exp_avg" in opt.state[p] for g in (2, 3) for p in opt.param_groups[g]["params"])   # embeddings, vectors: fp32

@@ -2,8 +2,9 @@
 import warnings
 import pytest, torch
 import quantstudy.quantizers as qz
-from quantstudy.quantizers import (CompilePolicy, fake_quantize, quantize, qrange, using_compile_policy, compile_policy,
-                                   set_compile_policy)
+import quantstudy.fused as fz
+from quantstudy.quantizers import fake_quantize, quantize, qrange
+from quantstudy.fused import CompilePolicy, using_compile_policy, compile_policy, set_compile_policy
 
 pytestmark = pytest.mark.numerics   # bit-identities and tolerances: rerun under AVX2 kernels and 2 threads
 
@@ -14,13 +15,13 @@ def eager_q(x, bits, axis, sym): return qz._quantize_eager(x, bits, axis, sym)
 
 def fused_fq(x, bits, axis, sym):
     with using_compile_policy(enabled=True, min_numel=0, after_numel=0):
-        y = qz._fused(x, bits, axis, sym, "fake")
+        y = fz.try_fused(x, bits, axis, sym, "fake")
     assert y is not None, "the fused path did not run"
     return y
 
 def fused_q(x, bits, axis, sym):
     with using_compile_policy(enabled=True, min_numel=0, after_numel=0):
-        r = qz._fused(x, bits, axis, sym, "int8" if bits <= 8 else "int16")
+        r = fz.try_fused(x, bits, axis, sym, "int8" if bits <= 8 else "int16")
     assert r is not None, "the fused path did not run"
     return r
 
@@ -97,21 +98,21 @@ def test_subnormal_scales_fall_back():
     x[2] = torch.randn(24) * 1e-39                     # max|x|/P subnormal
     for bits in (8, 16):
         with using_compile_policy(enabled=True, min_numel=0, after_numel=0):
-            assert qz._fused(x, bits, 0, True, "fake") is None and qz._fused(x, bits, 0, True, "int8" if bits <= 8 else "int16") is None
-            assert qz._fused(x[3:], bits, 0, True, "fake") is not None   # the other rows: fused
+            assert fz.try_fused(x, bits, 0, True, "fake") is None and fz.try_fused(x, bits, 0, True, "int8" if bits <= 8 else "int16") is None
+            assert fz.try_fused(x[3:], bits, 0, True, "fake") is not None   # the other rows: fused
         assert torch.equal(forced_fq(x, bits, 0, True), eager_fq(x, bits, 0, True))
         assert torch.equal(forced_fq(x, bits, None, True), eager_fq(x, bits, None, True))
 
 def test_policy_thresholds_and_ski_rental():
     x = torch.randn(64, 64)
     with using_compile_policy(enabled=True, min_numel=4097, after_numel=0):
-        assert qz._fused(x, 8, 0, True, "fake") is None                          # below min_numel: eager
+        assert fz.try_fused(x, 8, 0, True, "fake") is None                          # below min_numel: eager
     key = ("rows", True, "fake", "cpu", torch.float32)
-    qz._ready.discard(key); qz._eager_numel.pop(key, None)
+    fz._ready.discard(key); fz._eager_numel.pop(key, None)
     with using_compile_policy(enabled=True, min_numel=0, after_numel=3 * x.numel()):
-        assert [qz._fused(x, 8, 0, True, "fake") is None for _ in range(4)] == [True, True, True, False]
+        assert [fz.try_fused(x, 8, 0, True, "fake") is None for _ in range(4)] == [True, True, True, False]
     with using_compile_policy(enabled=False):
-        assert qz._fused(x, 8, 0, True, "fake") is None
+        assert fz.try_fused(x, 8, 0, True, "fake") is None
     assert compile_policy() == CompilePolicy.from_env()                          # restored
 
 def test_env_values():
@@ -122,7 +123,7 @@ def test_env_values():
 
 def test_env_var_is_read_at_import(monkeypatch):
     import importlib, subprocess, sys
-    out = subprocess.run([sys.executable, "-c", "import quantstudy.quantizers as q; print(q.compile_policy().enabled)"],
+    out = subprocess.run([sys.executable, "-c", "import quantstudy.fused as f; print(f.compile_policy().enabled)"],
                          env={**__import__("os").environ, "QUANTSTUDY_COMPILE": "0"}, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -130,13 +131,13 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     "No C compiler (or any failure to compile): a warning, eager results, and no further attempts on that device."
     class Broken:
         def __call__(self, *a, **k): raise RuntimeError("no C compiler")
-    monkeypatch.setattr(qz, "_kernel", lambda *a: Broken())
-    monkeypatch.setattr(qz, "_broken", {})
+    monkeypatch.setattr(fz, "_kernel", lambda *a: Broken())
+    monkeypatch.setattr(fz, "_broken", {})
     x = torch.randn(32, 16)
     with using_compile_policy(enabled=True, min_numel=0, after_numel=0):
         with pytest.warns(UserWarning, match="no C compiler"):
             y = fake_quantize(x, 8, axis=0)
-        assert torch.equal(y, eager_fq(x, 8, 0, True)) and "cpu" in qz._broken
+        assert torch.equal(y, eager_fq(x, 8, 0, True)) and "cpu" in fz._broken
         with warnings.catch_warnings():
             warnings.simplefilter("error")                                       # warned once, then silent
             assert torch.equal(fake_quantize(x, 4), eager_fq(x, 4, None, True))

@@ -134,7 +134,8 @@ def test_floor_binds_on_an_early_second_moment():
         if not zero: assert codes.max().item() == 127
 
 def test_floor_in_the_fake_and_int8_paths():
-    from quantstudy.quantizers import QuantSpec, fake_quantize, quantize, using_compile_policy
+    from quantstudy.quantizers import QuantSpec, fake_quantize, quantize
+    from quantstudy.fused import using_compile_policy
     g = torch.randn(64, 4096) * 1e-13                                   # a gradient far below the 1e-9 floor
     assert (QuantSpec(8, "token")(g, "grad") == 0).all() and (fake_quantize(g, 8, 0) != 0).any()
     with using_compile_policy(min_numel=0, after_numel=0):              # the fused kernel applies the same floor
@@ -147,7 +148,8 @@ def test_floor_in_the_fake_and_int8_paths():
 def _tiny_step(recipe, seed=0):
     "A tiny GPT-2 with `recipe` after one optimizer step of `make_optimizer` on a fixed batch."
     from quantstudy.model import build_model
-    from quantstudy.train import make_optimizer, preset
+    from quantstudy.optim import make_optimizer
+    from quantstudy.train import preset
     m = build_model("tiny", recipe, seed=seed)
     x = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)   # the same dropout masks in every call
