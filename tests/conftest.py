@@ -1,4 +1,4 @@
-"Shared fixtures: the data root, an isolated token cache, a tiny training config and model; the `numerics` marker."
+"Shared fixtures: the data root, an isolated token cache, a tiny training config and model, a real tiny run and Results built from it; the `numerics` marker."
 import os
 from pathlib import Path
 import pytest
@@ -39,3 +39,51 @@ def tiny_model():
     "A factory of seeded tiny GPT-2s (2 layers, 32 wide, 32 positions unless overridden), quantized by `recipe`."
     from quantstudy.model import build_model
     return lambda recipe=None, **kw: build_model("tiny", recipe, seed=0, **{**dict(n_layer=2, n_embd=32, n_positions=32), **kw})
+
+# A real run, made once per session: the report's, scorecard's and runner's tests read what a run writes, not a
+# hand-written dict. It goes through the pipeline the template calls (no papermill kernel: seconds, not a minute).
+TINY_RUN = dict(max_steps=8, eval_every=4, save_every=8, log_every=2, warmup_steps=1, eval_blocks=2, block_size=32,
+                batch_size=4, micro_batch_size=4, model=dict(n_layer=1, n_head=2, n_embd=32))
+TINY_EVALS = dict(perplexity=dict(corpora=["wikitext2", "ptb"], max_tokens=1024), lambada=dict(limit=8),
+                  downstream=dict(tasks=["arc_easy", "mnli"], num_fewshot=1, seeds=[0], limit=2))
+
+@pytest.fixture(scope="session")
+def tiny_run(data_dir, tmp_path_factory):
+    "The `RunDir` of a real tiny baseline run (8 steps, evaluated on slices, no analyses) of study `tiny`."
+    from quantstudy.experiments import get_experiment
+    from quantstudy.pipeline import run_pipeline
+    from quantstudy.rundir import RunDir
+    rd = RunDir(tmp_path_factory.mktemp("runs") / "tiny" / "baseline")
+    exp = get_experiment("baseline", "smoke", TINY_EVALS, analyses=[], **TINY_RUN)
+    rd.write_run("tiny", "baseline", exp.to_dict(), preset="smoke", overrides=TINY_RUN)
+    run_pipeline(rd.run_file)
+    return rd
+
+@pytest.fixture(scope="session")
+def results_like(tiny_run):
+    """A factory of `Results` of experiment `name`: the tiny run's, with that experiment's configuration, ended as
+    `status` at `step`, its validation curve shifted to end at `final_loss` and its perplexities scaled to match."""
+    import dataclasses, json, math
+    from quantstudy.experiments import get_experiment
+    real = tiny_run.results()
+    def make(name, status="complete", final_loss=None, step=None, study="tiny", skipped=None, **fields):
+        cfg = json.loads(json.dumps({**get_experiment(name, "smoke", TINY_EVALS, **TINY_RUN).to_dict(), "overrides": TINY_RUN}))  # as stored
+        val = [dict(p) for p in real.curves["val"]]
+        step = real.step if step is None else step
+        if step != real.step: val = [dict(p, step=round(p["step"] * step / real.step)) for p in val]
+        shift = 0.0 if final_loss is None else final_loss - val[-1]["loss"]
+        for p in val: p["loss"] += shift
+        metrics = {} if status != "complete" else {**real.metrics, "perplexity": {k: v * math.exp(shift) for k, v in real.metrics["perplexity"].items()},
+                                                  "tasks": {**real.metrics["tasks"], **{t: {"skipped": why} for t, why in (skipped or {}).items()}}}
+        reason = {"complete": None, "diverged": "eval_loss above the divergence bound for 2 evaluations",
+                  "failed": "cell 3: RuntimeError: out of memory"}[status]
+        return dataclasses.replace(real, study=study, experiment=name, status=status, step=step, reason=reason, config=cfg,
+                                   curves=dict(real.curves, val=val), metrics=metrics, **fields)
+    return make
+
+def write_study(root, study: str, results: dict):
+    "Write `results` (name -> `Results`) as the study `study` under the runs root `root`, the way runs write them; `root`."
+    from pathlib import Path
+    from quantstudy.rundir import RunDir
+    for name, r in results.items(): RunDir(Path(root) / study / name).write_results(r)
+    return root
