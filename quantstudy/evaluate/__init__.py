@@ -5,5 +5,5 @@
 # %% auto #0
 __all__ = []
 
-# %% ../../nbs/06_evaluate.ipynb #02d1fa24
+# %% ../../nbs/06_evaluate.ipynb #ebdb3ce0
 # Nothing here: import the module you need, e.g. `from quantstudy.evaluate.perplexity import perplexity_suite`.

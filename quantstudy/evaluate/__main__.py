@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../../nbs/06g_main.ipynb #a6a2f132
+# %% ../../nbs/06g_main.ipynb #01b57f17
 from .harness import _in_notebook, main
 
 if __name__ == "__main__" and not _in_notebook(): main()
