@@ -34,7 +34,7 @@ check-sync: venv
 	echo "nbs/ and quantstudy/ are in sync"
 
 # notebooks that read the data root; without one they are skipped (as the tests skip), saying so
-DATA_NBS := 03a_moments|04_data|06_evaluate|07_analysis
+DATA_NBS := 03a_moments|04_data|06a_perplexity|06b_lambada|06c_tasks|06d_harness|06e_ptq|07_analysis
 NBTEST   := $(BIN)/nbdev_test --timing $(if $(QUANTSTUDY_DATA),,--skip_file_re '^($(DATA_NBS))')
 
 nbtest: venv

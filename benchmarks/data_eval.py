@@ -1,7 +1,7 @@
 """Tokenization and perplexity-evaluation throughput, each against its floor measured side by side.
 
 Tokenization: `quantstudy.data.tokenize_corpus` on PTB train into a fresh cache directory (uncached: the full work)
-vs one batched call of the same fast tokenizer on the same lines. Evaluation: `quantstudy.evaluate.perplexity` of a
+vs one batched call of the same fast tokenizer on the same lines. Evaluation: `quantstudy.evaluate.perplexity.perplexity` of a
 tiny GPT-2 on ~20k PTB test tokens vs a bare `no_grad` forward over the same blocks (no loss, no bookkeeping)."""
 import os, tempfile
 import torch
@@ -36,9 +36,9 @@ def main():
     ids = ids[:args.max_tokens]
     note = ""
     try:
-        from quantstudy.evaluate import perplexity
+        from quantstudy.evaluate.perplexity import perplexity
         def evaluate(): perplexity(model, ids, context=ctx, batch_size=bs, progress=False)
-    except Exception as e:   # evaluate.py not importable: time the bare forward only
+    except Exception as e:   # quantstudy.evaluate.perplexity not importable: time the bare forward only
         evaluate, note = None, f"quantstudy.evaluate.perplexity not importable ({type(e).__name__}); only the bare forward is timed."
     n_blocks = (len(ids) - 1) // ctx
     blocks = ids[:n_blocks * ctx].view(n_blocks, ctx).to(dev)

@@ -38,7 +38,7 @@ _TRAINED = ("status", "step", "reason", "curves", "divergence", "evaluated_check
 def model_for(exp: Experiment, rd: RunDir, res: Results, nproc: int = 1):
     "The model the run evaluates: trained here, the `base` run's quantized (PTQ), or a released checkpoint; `res` says how it ended."
     from quantstudy.model import load_model
-    from quantstudy.evaluate import load_pretrained, ptq
+    from quantstudy.evaluate.ptq import load_pretrained, ptq
     if exp.pretrained:   # Table 1: a released checkpoint, evaluated as it is
         res.status, res.step, res.reason = Status.COMPLETE, 0, f"pretrained checkpoint {exp.pretrained!r}, evaluated only"
         return load_pretrained(exp.pretrained)
@@ -59,19 +59,21 @@ def model_for(exp: Experiment, rd: RunDir, res: Results, nproc: int = 1):
 # %% ../nbs/08a_pipeline.ipynb #10f5b0ba
 def evaluate_model(model, evals: dict) -> dict:
     "The `metrics` of `results.json`: the perplexities, LAMBADA and the downstream tasks that `evals` asks for."
-    from quantstudy import evaluate
+    from quantstudy.evaluate.harness import downstream
+    from quantstudy.evaluate.lambada import lambada
+    from quantstudy.evaluate.perplexity import perplexity_suite, text_source
     metrics = {}
     if "perplexity" in evals:
-        ppl = evaluate.perplexity_suite(model, corpora=evals["perplexity"]["corpora"],
-                                        max_tokens=evals["perplexity"].get("max_tokens"), progress=False)
+        ppl = perplexity_suite(model, corpora=evals["perplexity"]["corpora"],
+                               max_tokens=evals["perplexity"].get("max_tokens"), progress=False)
         metrics["perplexity"] = {k: v.ppl for k, v in ppl.items()}
         metrics["perplexity_window_mean"] = {k: v.ppl_windows for k, v in ppl.items()}
-        metrics["perplexity_text"] = {k: dict(source=evaluate.text_source(k), join=v.join, context=v.context, windows=v.windows,
+        metrics["perplexity_text"] = {k: dict(source=text_source(k), join=v.join, context=v.context, windows=v.windows,
                                               tokens=v.tokens, batch_size=v.batch_size) for k, v in ppl.items()}
     if "lambada" in evals:
-        metrics["lambada"] = evaluate.lambada(model, limit=evals["lambada"].get("limit"), progress=False)
+        metrics["lambada"] = lambada(model, limit=evals["lambada"].get("limit"), progress=False)
     if "downstream" in evals:
-        tasks = evaluate.downstream(model, **evals["downstream"])
+        tasks = downstream(model, **evals["downstream"])
         metrics["tasks"] = {t: r if "skipped" in r else dict(acc=r["acc"], std=r["acc_std"], n=r["n"],
                                                               **({"acc_norm": r["acc_norm"]} if "acc_norm" in r else {}))
                             for t, r in tasks.items()}

@@ -89,7 +89,7 @@ def check_inputs(exp: Experiment, data_dir=None):
     if "lambada" in ev: check_corpus("lambada", "test", data_dir)
     tasks = (ev.get("downstream") or {}).get("tasks", ())
     if tasks and root is not None:   # offline, a task needs our config (its missing data makes it `skipped`, not a failure)
-        from quantstudy.evaluate import NO_LOCAL_DATA, TASK_FILES
+        from quantstudy.evaluate.tasks import NO_LOCAL_DATA, TASK_FILES
         unknown = [k for k in tasks if k not in TASK_FILES and k not in NO_LOCAL_DATA]
         if unknown: raise ValueError(f"downstream tasks {unknown} have no offline config: use some of {[*TASK_FILES, *NO_LOCAL_DATA]}")
 

@@ -155,7 +155,7 @@ def test_parse_overrides_nested_and_repeated():
 
 def test_evaluate_cli_bad_path_and_unknown_task(tmp_path):
     pytest.importorskip("lm_eval")
-    from quantstudy.evaluate import main as evaluate
+    from quantstudy.evaluate.harness import main as evaluate
     (tmp_path / "run").mkdir()
     with pytest.raises(SystemExit, match=r"path=.*run: not a run directory \(with model/\) or a model directory"):
         evaluate(["run", "--model", "quantstudy", "--model_args", f"path={tmp_path / 'run'}", "--tasks", "arc_easy", "--limit", "1"])

@@ -7,11 +7,15 @@ from hypothesis import given, settings, strategies as st
 from quantstudy.data import load_corpus
 from quantstudy.model import Recipe, build_model, save_model
 from quantstudy.qlinear import LinearQuant, quantized_modules
-from quantstudy.evaluate import (PAPER_TASKS, TASK_FILES, TASKS_DIR, Perplexity, downstream, lambada, model_dir,
-                                 perplexity, ptq, task_dataset, task_table, task_unavailable, windows)
+from quantstudy.evaluate.columns import PAPER_TASKS, task_table
+from quantstudy.evaluate.harness import downstream, model_dir
+from quantstudy.evaluate.lambada import lambada
+from quantstudy.evaluate.perplexity import Perplexity, perplexity, windows
+from quantstudy.evaluate.ptq import ptq
+from quantstudy.evaluate.tasks import TASK_FILES, TASKS_DIR, task_dataset, task_unavailable
 
 lm_eval = pytest.importorskip("lm_eval")
-from quantstudy.evaluate import QuantstudyLM
+from quantstudy.evaluate.harness import QuantstudyLM
 
 @pytest.fixture(scope="module")
 def model(): return build_model("tiny", seed=0).eval()

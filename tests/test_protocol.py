@@ -40,7 +40,7 @@ def test_perplexity_text_is_the_hub_rows_joined(tok, tmp_path):
 @needs_data
 def test_perplexity_defaults_to_the_joined_text(tok):
     from quantstudy.model import build_model
-    from quantstudy.evaluate import perplexity
+    from quantstudy.evaluate.perplexity import perplexity
     m = build_model("tiny", seed=0).eval()
     r = perplexity(m, "ptb", max_tokens=512, progress=False)
     joined = tokenize_corpus("ptb", "test", tok, DATA, join="\n\n", max_tokens=512)
@@ -52,7 +52,7 @@ def test_perplexity_defaults_to_the_joined_text(tok):
 def test_per_tensor_perplexity_does_not_depend_on_the_batch(tok, act):
     from quantstudy.model import Recipe, build_model
     from quantstudy.qlinear import LinearQuant
-    from quantstudy.evaluate import perplexity
+    from quantstudy.evaluate.perplexity import perplexity
     m = build_model("tiny", Recipe(linear=LinearQuant(act=act)), seed=0).eval()
     ids = torch.from_numpy(tokenize_corpus("ptb", "test", tok, DATA, max_tokens=1024).astype(np.int64))
     one, eight = (perplexity(m, ids, batch_size=b, progress=False) for b in (1, 8))
@@ -291,7 +291,7 @@ def test_paper_evaluation_uses_the_authors_five_seeds():
 def test_downstream_std_is_the_population_std():
     pytest.importorskip("lm_eval")
     from quantstudy.model import build_model
-    from quantstudy.evaluate import downstream
+    from quantstudy.evaluate.harness import downstream
     r = downstream(build_model("tiny", seed=0).eval(), ["arc_easy"], num_fewshot=1, seeds=(0, 1, 2), limit=6)["arc_easy"]
     accs = [m["acc"] for m in r["per_seed"]]
     assert r["acc_std"] == pytest.approx(float(np.std(accs))) and r["std"].startswith("population")
@@ -339,7 +339,7 @@ def test_gpt2_openai_is_an_evaluation_only_experiment():
     assert "gpt2-openai" not in study_experiments("smoke")
 
 def test_load_pretrained_offline_says_so(tmp_path, monkeypatch):
-    from quantstudy.evaluate import load_pretrained
+    from quantstudy.evaluate.ptq import load_pretrained
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="not available offline"): load_pretrained("gpt2-nonexistent-xyz", data_dir=tmp_path)
 
