@@ -11,7 +11,8 @@ from .qlinear import GRAD_PLACEMENTS, LinearQuant
 from .optim import OptimQuant
 from .model import Recipe
 from .train import TrainConfig, preset
-from .analysis import PAPER_LINEAR_TIME, PAPER_MEMORY
+from .analysis.linear_time import PAPER_LINEAR_TIME
+from .analysis.memory import PAPER_MEMORY
 
 # %% auto #0
 __all__ = ['GRID', 'PRETRAINED', 'PTQ', 'PPL_CORPORA', 'TASKS', 'PAPER_SEEDS', 'ANALYSIS_SETTINGS', 'SNAPSHOT_EVERY', 'EVALS',
