@@ -26,6 +26,7 @@ def _restored(params):
         with torch.no_grad():
             for p, s in zip(params, saved): p.copy_(s)
 
+# %% ../../nbs/07d_sharpness.ipynb #fe699afa
 def m_sharpness(model, batches, rhos=(0.05, 0.1, 0.2, 0.5, 1.0)) -> dict:
     "m-sharpness (Foret et al.): mean over batches of the loss increase after a step of norm rho along the normalized gradient."
     params = [p for _, p in _params(model)]
