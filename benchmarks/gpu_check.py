@@ -21,7 +21,8 @@ from _common import interleaved, markdown_table, write_section, gpt2_small_param
 from _loops import plain_loop, run_train, synthetic_datasets
 import quantstudy.quantizers as qz
 import quantstudy.fused as fz
-from quantstudy import analysis
+from quantstudy.analysis.linear_time import block_time_share
+from quantstudy.analysis.memory import MEMORY_CATEGORIES, _fresh_model, profile_step_memory
 from quantstudy.model import Recipe, build_model, gpt2_config
 from quantstudy.optim import OptimQuant, QAdamW, make_optimizer
 from quantstudy.qlinear import LinearQuant, QuantLinear, int8_matmul, _pad_operands
@@ -288,13 +289,13 @@ def stage_memory(R: Report, S: dict, dev: torch.device):
         config = gpt2_config(size, n_positions=max(S["ctx"], 1024) if dev.type == "cuda" else S["ctx"],
                              **({} if dev.type == "cuda" else S["model"]))
         for b in S["mem_batches"]:
-            model = analysis._fresh_model(config, Recipe(), dev)
+            model = _fresh_model(config, Recipe(), dev)
             opt, _ = make_optimizer(model, TrainConfig(), Recipe())
             x = torch.randint(config.vocab_size, (b, S["ctx"]), generator=torch.Generator().manual_seed(0))
-            m = analysis.profile_step_memory(model, opt, x, amp)
+            m = profile_step_memory(model, opt, x, amp)
             del model, opt
             if dev.type == "cuda": torch.cuda.empty_cache()
-            cats = {k: m[k] for k in analysis.MEMORY_CATEGORIES if m.get(k)}
+            cats = {k: m[k] for k in MEMORY_CATEGORIES if m.get(k)}
             R.ok(m["peak_bytes"] > 0, f"peak memory {size} batch {b} x {S['ctx']}",
                  f"{m['peak_bytes'] / 2 ** 20:,.0f} MiB at the {m['peak_phase']}: " +
                  ", ".join(f"{k} {v / 2 ** 20:,.0f}" for k, v in sorted(cats.items(), key=lambda kv: -kv[1])[:4]), **m)
@@ -303,7 +304,7 @@ def stage_linear_time(R: Report, S: dict, dev: torch.device):
     for size in S["lin_sizes"]:
         config = gpt2_config(size, **({} if dev.type == "cuda" else S["model"]))
         for t in S["lin_seqs"]:
-            r = analysis.block_time_share(config, t, S["lin_batch"], 1, 3, dev)
+            r = block_time_share(config, t, S["lin_batch"], 1, 3, dev)
             R.ok(0 < r["share"] < 1, f"linear time share {size} seq {t}",
                  f"{r['share']:.1%} of {r['total_ms']:.2f} ms (kernel time counted once)", **r)
 

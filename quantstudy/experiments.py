@@ -13,7 +13,8 @@ from .qlinear import GRAD_PLACEMENTS, LinearQuant
 from .optim import OptimQuant
 from .model import Recipe
 from .train import TrainConfig, preset
-from .analysis import PAPER_LINEAR_TIME, PAPER_MEMORY
+from .analysis.linear_time import PAPER_LINEAR_TIME
+from .analysis.memory import PAPER_MEMORY
 
 # %% auto #0
 __all__ = ['PAPER_ROWS', 'PTQ_ROWS', 'PRETRAINED_ROWS', 'ANALYSIS_SETTINGS', 'SNAPSHOT_EVERY', 'EVALS', 'EVAL_FIELDS',

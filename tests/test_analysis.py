@@ -5,10 +5,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest, torch
-from quantstudy.analysis import (ANALYSES, FIGURE_FILES, ActivationCallback, activations, checkpoint_dir, eval_batches,
-                                 filter_normalized_direction, gradient_error, gradient_histogram, layer_stats, linear_time,
-                                 load_run_model, loss_surface, m_sharpness, memory, outliers, resolve_layer, run_analysis,
-                                 second_moment, with_grad_quant, _grads, _params)
+from quantstudy.analysis import ANALYSES, FIGURE_FILES, run_analysis
+from quantstudy.analysis.runs import checkpoint_dir, eval_batches, load_run_model, resolve_layer
+from quantstudy.analysis.memory import memory
+from quantstudy.analysis.linear_time import linear_time
+from quantstudy.analysis.sharpness import filter_normalized_direction, loss_surface, m_sharpness, _params
+from quantstudy.analysis.activations import ActivationCallback, activations, layer_stats, outliers
+from quantstudy.analysis.gradients import gradient_error, gradient_histogram, with_grad_quant, _grads
+from quantstudy.analysis.second_moment import second_moment
 from quantstudy.model import Recipe, build_model
 from quantstudy.optim import OptimQuant, QAdamW
 from quantstudy.qlinear import LinearQuant, quantized_modules

@@ -173,7 +173,7 @@ def test_moments_quantized_on_linear_weights_only():
 def test_second_moment_reads_conv1d_v_along_the_optimizers_axis():
     from quantstudy.model import Recipe
     from quantstudy.optim import OptimQuant
-    from quantstudy.analysis import second_moment
+    from quantstudy.analysis.second_moment import second_moment
     m1, o1 = _tiny_step(Recipe())                                    # fp32 v: the would-be codes of 8-channel
     m2, o2 = _tiny_step(Recipe(optim=OptimQuant(v="8-channel")))     # the same first step, v stored as 8-channel codes
     a, b = second_moment(m1, optimizer=o1, spec="8-channel"), second_moment(m2, optimizer=o2)
@@ -301,7 +301,7 @@ def test_downstream_std_is_the_population_std():
 def test_linear_share_counts_each_kernel_once():
     from types import SimpleNamespace as NS
     from torch.autograd import DeviceType
-    from quantstudy.analysis import linear_share
+    from quantstudy.analysis.linear_time import linear_share
     ev = [NS(key="aten::addmm", device_type=DeviceType.CPU, self_device_time_total=60, self_cpu_time_total=3),
           NS(key="ampere_sgemm_128x64", device_type=DeviceType.CUDA, self_device_time_total=60, self_cpu_time_total=0),
           NS(key="aten::mul", device_type=DeviceType.CPU, self_device_time_total=20, self_cpu_time_total=2),
@@ -311,7 +311,7 @@ def test_linear_share_counts_each_kernel_once():
 
 def test_linear_share_on_a_cpu_profile():
     from torch.profiler import ProfilerActivity, profile
-    from quantstudy.analysis import linear_share
+    from quantstudy.analysis.linear_time import linear_share
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     with profile(activities=[ProfilerActivity.CPU]) as p:
         for _ in range(3): torch.mm(a, b)
@@ -346,7 +346,7 @@ def test_load_pretrained_offline_says_so(tmp_path, monkeypatch):
 def test_report_draws_the_cross_run_figures(tmp_path):
     from quantstudy.model import Recipe
     from quantstudy.optim import OptimQuant
-    from quantstudy.analysis import second_moment
+    from quantstudy.analysis.second_moment import second_moment
     from quantstudy.report import fake_results, plot_analyses, report
     res = {}
     for name, recipe in (("baseline", Recipe()), ("v8-channel", Recipe(optim=OptimQuant(v="8-channel")))):
@@ -380,7 +380,8 @@ def test_paper_analyses_run_at_the_papers_settings():
 @needs_data
 def test_snapshots_outlive_checkpoint_rotation_and_are_analysed(tmp_path):
     from quantstudy.train import checkpoints, preset, snapshots, train
-    from quantstudy.analysis import activations, gradients
+    from quantstudy.analysis.activations import activations
+    from quantstudy.analysis.gradients import gradients
     run = tmp_path / "run"
     train(preset("smoke", **TINY, snapshot_every=4), run)                      # saves at 4, 8, 12; keeps the last 2
     assert sorted(checkpoints(run)) == [8, 12] and sorted(snapshots(run)) == [4, 8, 12]
