@@ -11,7 +11,7 @@ import quantstudy.fused as fz
 from quantstudy.model import build_model, Recipe
 from quantstudy.qlinear import LinearQuant
 from quantstudy.optim import OptimQuant
-from quantstudy.train import preset
+from quantstudy.config import preset
 from quantstudy.optim import make_optimizer
 
 W8A8 = dict(weight="8-channel", act="8-token")

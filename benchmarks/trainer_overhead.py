@@ -10,7 +10,7 @@ cProfile of the run. Target: `train()` >= 0.95x the plain loop's tokens/s."""
 import cProfile, io, pstats, shutil, statistics, tempfile
 from _common import parser, setup, machine, markdown_table, write_section
 from _loops import train_vs_plain
-from quantstudy.train import preset
+from quantstudy.config import preset
 
 TARGET = 0.95
 

@@ -12,7 +12,7 @@ from .quantizers import QuantSpec
 from .qlinear import GRAD_PLACEMENTS, LinearQuant
 from .optim import OptimQuant
 from .model import Recipe
-from .train import TrainConfig, preset
+from .config import TrainConfig, preset
 from .analysis.linear_time import PAPER_LINEAR_TIME
 from .analysis.memory import PAPER_MEMORY
 

@@ -12,10 +12,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from .qlinear import LinearQuant, MODULE_SETS, quantize_model, quantized_modules, select_modules
 from .optim import OptimQuant
+from .config import DROPOUT, SIZES, VOCAB_SIZE
 
 # %% auto #0
-__all__ = ['SIZES', 'VOCAB_SIZE', 'DROPOUT', 'CAUSAL_LOSS', 'RECIPE_FILE', 'Recipe', 'default_attn_implementation', 'gpt2_config',
-           'build_model', 'model_device', 'eval_mode', 'check_recipe', 'save_model', 'load_model']
+__all__ = ['CAUSAL_LOSS', 'RECIPE_FILE', 'Recipe', 'default_attn_implementation', 'gpt2_config', 'build_model', 'model_device',
+           'eval_mode', 'check_recipe', 'save_model', 'load_model']
 
 # %% ../nbs/02_model.ipynb #e4b47ca1
 @dataclass(frozen=True)
@@ -81,16 +82,6 @@ class Recipe:
         raise ValueError(f"recipe={r!r} must be a Recipe, a LinearQuant, a dict or None")
 
 # %% ../nbs/02_model.ipynb #18ba9ab2
-SIZES = {  # GPT-2 shapes (Radford et al. 2019); vocab 50257 throughout
-    "tiny":   dict(n_layer=2,  n_head=2,  n_embd=64,   n_positions=128),
-    "small":  dict(n_layer=12, n_head=12, n_embd=768,  n_positions=1024),
-    "medium": dict(n_layer=24, n_head=16, n_embd=1024, n_positions=1024),
-    "large":  dict(n_layer=36, n_head=20, n_embd=1280, n_positions=1024),
-    "xl":     dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),
-}
-VOCAB_SIZE = 50257
-DROPOUT = 0.1
-
 def default_attn_implementation() -> str:
     "`flash_attention_2` if `flash_attn` imports and CUDA is available, else `sdpa`."
     if torch.cuda.is_available():

@@ -15,166 +15,17 @@ except ImportError:   # only the command line needs fastcore: `train` (and the G
         return f
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from .model import SIZES, Recipe, build_model, save_model
+from .config import TrainConfig, preset
+from .model import Recipe, build_model, save_model
 from .optim import make_optimizer
 from .data import BlockDataset, load_tokenizer, tokenize_corpus
 from .host import tune_cpu_allocator
 from .rundir import RunDir, checkpoint_problem
 
 # %% auto #0
-__all__ = ['FIELD_RULES', 'PRESETS', 'SNAPSHOTS', 'check_model_fields', 'TrainConfig', 'preset', 'use_bf16', 'DivergenceCallback',
-           'curves_from_history', 'ProgressLines', 'resume_checkpoint', 'SnapshotCallback', 'snapshots',
-           'finite_weights', 'last_finite_checkpoint', 'training_args', 'datasets_for', 'train', 'main']
-
-# %% ../nbs/05_train.ipynb #3585fff8
-def _int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)   # JSON `true` is not a step count
-def _real(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-def _name(v) -> bool: return isinstance(v, str) and v.strip() != ""
-
-_POS_INT = (lambda v: _int(v) and v >= 1, "a positive int")
-FIELD_RULES = {  # TrainConfig field -> (check, what is allowed); corpus and split existence are checked by the runner
-    "size": (lambda v: isinstance(v, str) and v in SIZES, f"one of {tuple(SIZES)}"),
-    "model": (lambda v: isinstance(v, dict), "a dict of GPT2Config fields, e.g. {\"n_layer\": 4}"),
-    "corpus": (_name, "a corpus name (quantstudy.data.CORPORA) or the path of a local corpus directory"),
-    "train_split": (_name, "a split name: train, validation (valid, val, dev) or test"),
-    "val_split": (_name, "a split name: train, validation (valid, val, dev) or test"),
-    "data_dir": (lambda v: v is None or _name(v), "null ($QUANTSTUDY_DATA, else the hub) or a data root path"),
-    **{k: _POS_INT for k in ("block_size", "batch_size", "micro_batch_size", "max_steps", "eval_every", "log_every",
-                             "save_every", "diverge_patience")},
-    "lr": (lambda v: _real(v) and v > 0, "a finite number > 0, e.g. 6e-4"),
-    "warmup_steps": (lambda v: _int(v) and v >= 0, "an int >= 0"),
-    "weight_decay": (lambda v: _real(v) and v >= 0, "a finite number >= 0"),
-    "betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_real(b) and 0 <= b < 1 for b in v),
-              "two numbers in [0, 1), e.g. [0.9, 0.999]"),
-    "eps": (lambda v: _real(v) and v > 0, "a finite number > 0, e.g. 1e-8"),
-    "grad_clip": (lambda v: _real(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
-    "dropout": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "precision": (lambda v: v in ("auto", "bf16", "fp32"), "one of ('auto', 'bf16', 'fp32')"),
-    "eval_blocks": (lambda v: v is None or _POS_INT[0](v), "null (the whole split) or a positive int"),
-    "save_total_limit": (lambda v: v is None or _POS_INT[0](v), "null (keep all) or a positive int"),
-    "seed": (lambda v: _int(v) and v >= 0, "an int >= 0"),
-    "eos": (lambda v: isinstance(v, bool), "true or false"),
-    "max_train_tokens": (lambda v: v is None or _POS_INT[0](v), "null (the whole split) or a positive int"),
-    "diverge_loss": (lambda v: v is None or (_real(v) and v > 0), "null (ln of the vocabulary size) or a number > 0"),
-    "diverge_rise": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
-}
-
-_SET_ELSEWHERE = {"n_positions": "block_size", "resid_pdrop": "dropout", "embd_pdrop": "dropout", "attn_pdrop": "dropout",
-                  "vocab_size": "nothing (the GPT-2 tokenizer fixes it)"}
-
-def check_model_fields(size: str, model: dict):
-    "Fail in one line unless `model` holds known `GPT2Config` fields of the right types that fit `size`'s shape."
-    from transformers import GPT2Config
-    defaults = {**GPT2Config().to_dict(), "attn_implementation": "sdpa"}
-    for k, v in model.items():
-        where = f"model.{k}={v!r}"
-        if k in _SET_ELSEWHERE: raise ValueError(f"{where}: set by TrainConfig, use {_SET_ELSEWHERE[k]} instead")
-        if k not in defaults or k.startswith("_") or k in ("architectures", "model_type", "transformers_version"):
-            known = ", ".join(f for f in ("n_layer", "n_head", "n_embd", "n_inner", "activation_function",
-                                          "layer_norm_epsilon", "initializer_range", "attn_implementation"))
-            raise ValueError(f"{where}: unknown GPT2Config field; use {known} or another GPT2Config field")
-        d = defaults[k]
-        if k in ("n_layer", "n_head", "n_embd") and not (_int(v) and v >= 1): raise ValueError(f"{where}: must be a positive int")
-        if k == "n_inner" and not (v is None or (_int(v) and v >= 1)): raise ValueError(f"{where}: must be null (4 x n_embd) or a positive int")
-        if k == "attn_implementation" and v not in ("eager", "sdpa", "flash_attention_2"):
-            raise ValueError(f"{where}: must be one of ('eager', 'sdpa', 'flash_attention_2')")
-        if k == "activation_function":
-            from transformers.activations import ACT2FN
-            if v not in ACT2FN: raise ValueError(f"{where}: must be one of {sorted(ACT2FN)}")
-        if isinstance(d, bool) and not isinstance(v, bool): raise ValueError(f"{where}: must be true or false")
-        if isinstance(d, float) and not (_real(v) and v >= 0): raise ValueError(f"{where}: must be a finite number >= 0")
-        if _int(d) and not _int(v): raise ValueError(f"{where}: must be an int")
-        if isinstance(d, str) and not isinstance(v, str): raise ValueError(f"{where}: must be a string")
-    shape = {**SIZES[size], **model}
-    if shape["n_embd"] % shape["n_head"]:
-        raise ValueError(f"model.n_head={shape['n_head']} (with n_embd={shape['n_embd']}, size {size!r}): "
-                         f"the heads must divide the width, n_embd % n_head == 0")
-
-# %% ../nbs/05_train.ipynb #6e31e836
-@dataclass(frozen=True)
-class TrainConfig:
-    "Everything about one pre-training run except its quantization (see `Recipe`)."
-    size: str = "tiny"                      # a key of `quantstudy.model.SIZES`
-    model: dict = field(default_factory=dict)  # GPT2Config overrides, e.g. {"n_layer": 4}
-    corpus: str = "ptb"                     # a key of `quantstudy.data.CORPORA` or a local path
-    train_split: str = "train"
-    val_split: str = "valid"
-    data_dir: str | None = None             # data root; None: $QUANTSTUDY_DATA, else the hub
-    block_size: int = 128                   # context length
-    batch_size: int = 16                    # global batch (sequences per optimizer step)
-    micro_batch_size: int = 16              # per device and forward pass; accumulation makes up the rest
-    max_steps: int = 300
-    lr: float = 6e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    dropout: float = 0.1
-    precision: str = "auto"                 # auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32
-    eval_every: int = 50
-    eval_blocks: int = 64                   # validation blocks per evaluation (None: the whole split)
-    log_every: int = 10
-    save_every: int = 100
-    save_total_limit: int = 2
-    seed: int = 0
-    eos: bool = False                       # EOS between documents (nanoGPT) or not (the authors' code)
-    max_train_tokens: int | None = None     # use a prefix of the training corpus
-    diverge_loss: float | None = None       # an eval loss above this is divergent; None: ln(vocab size)
-    diverge_rise: float = 1.0               # ... or this far above the best eval loss so far
-    diverge_patience: int = 2               # for this many evaluations in a row
-    stop_on_divergence: bool = True         # False (the paper): record a divergence and train on to max_steps
-    val_fraction: float | None = None       # held-out corpora (OpenWebText): the validation fraction; None: the corpus's 0.5%
-    val_seed: int | None = None             # ... and the seed of that split; None: the authors' 2345
-    snapshot_every: int | None = None       # keep the weights every this many steps in snapshots/ (the analyses of Figs. 6, 10)
-
-    def __post_init__(self):
-        for k, (ok, allowed) in FIELD_RULES.items():   # every field: its type and range, in one line each
-            v = getattr(self, k)
-            if not ok(v): raise ValueError(f"{k}={v!r}: must be {allowed}")
-        check_model_fields(self.size, self.model)
-        if self.max_train_tokens is not None and self.max_train_tokens < self.block_size:
-            raise ValueError(f"max_train_tokens={self.max_train_tokens}: must be at least block_size={self.block_size} (one block)")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision={self.precision!r} is not one of ('auto', 'bf16', 'fp32')")
-        if self.save_every % self.log_every:
-            raise ValueError(f"save_every={self.save_every} must be a multiple of log_every={self.log_every} "
-                             "so that a resumed run logs the same steps")
-        object.__setattr__(self, "betas", tuple(self.betas))
-
-    def replace(self, **kw) -> "TrainConfig":
-        "A copy with some fields changed (unknown fields raise)."
-        bad = set(kw) - {f.name for f in dataclasses.fields(self)}
-        if bad: raise ValueError(f"unknown TrainConfig fields {sorted(bad)}: use some of {[f.name for f in dataclasses.fields(self)]}")
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict: return dataclasses.asdict(self)
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig": return cls().replace(**d)
-
-# %% ../nbs/05_train.ipynb #e414886c
-PRESETS = {
-    # Appendix A.1 and the authors' code: 300k steps of 512 x 1024 tokens of OpenWebText.
-    "paper": TrainConfig(size="small", corpus="openwebtext", val_split="validation", block_size=1024,
-                         batch_size=512, micro_batch_size=16, max_steps=300_000, warmup_steps=1000,
-                         eval_every=1000, eval_blocks=200, log_every=100, save_every=1000,
-                         stop_on_divergence=False),   # every run trained to 300k steps and evaluated, as the paper did
-    # Minutes on a 2-core CPU: the same recipe, shrunk, on Penn Treebank.
-    # The 50257-way output layer is most of the cost at this size, so depth is cheap and width is not.
-    "smoke": TrainConfig(size="tiny", model=dict(n_layer=4, n_head=4, n_embd=128), corpus="ptb",
-                         block_size=64, batch_size=8, micro_batch_size=8, max_steps=300, lr=2e-3, warmup_steps=30,
-                         eval_every=25, eval_blocks=32, log_every=5, save_every=50),
-}
-
-def preset(name: str, **overrides) -> TrainConfig:
-    "The `paper` or `smoke` training recipe, with `overrides`; a dict override (`model`) merges into the preset's dict."
-    if name not in PRESETS: raise ValueError(f"unknown preset {name!r}: use one of {sorted(PRESETS)}")
-    base = PRESETS[name]
-    merged = {k: {**getattr(base, k), **v} if isinstance(v, dict) and isinstance(getattr(base, k, None), dict) else v
-              for k, v in overrides.items()}
-    return base.replace(**merged)
+__all__ = ['SNAPSHOTS', 'use_bf16', 'DivergenceCallback', 'curves_from_history', 'ProgressLines', 'resume_checkpoint',
+           'SnapshotCallback', 'snapshots', 'finite_weights', 'last_finite_checkpoint', 'training_args', 'datasets_for',
+           'train', 'main']
 
 # %% ../nbs/05_train.ipynb #53985a20
 def use_bf16(cfg: TrainConfig) -> bool:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from ..qlinear import quantize_model
 from ..model import Recipe, gpt2_config, model_device
-from ..train import TrainConfig
+from ..config import TrainConfig
 from ..optim import make_optimizer
 from .runs import _jsonable, _label, _runs, _subplots, run_config, run_recipe
 

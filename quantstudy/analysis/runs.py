@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ..qlinear import linear_modules
 from ..model import RECIPE_FILE, Recipe, gpt2_config, load_model, model_device
 from ..data import load_tokenizer, tokenize_corpus
-from ..train import TrainConfig, preset
+from ..config import TrainConfig, preset
 from ..rundir import RunDir
 from ..train import snapshots as run_snapshots
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..quantizers import QuantSpec, qrange, quantize
 from ..qlinear import linear_modules
 from ..optim import QAdamW
-from ..train import TrainConfig
+from ..config import TrainConfig
 from ..optim import make_optimizer
 from .runs import _jsonable, _runs, _subplots, checkpoint_dir, load_run_model, run_config, run_recipe
 
