@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 from quantstudy.data import load_corpus
 from quantstudy.model import Recipe, build_model, save_model
 from quantstudy.qlinear import LinearQuant, quantized_modules
-from quantstudy.evaluate.columns import PAPER_TASKS, task_table
+from quantstudy.evaluate.tables import task_table
+from quantstudy.paper import TASKS as PAPER_TASKS
 from quantstudy.evaluate.harness import downstream, model_dir
 from quantstudy.evaluate.lambada import lambada
 from quantstudy.evaluate.perplexity import Perplexity, perplexity, windows

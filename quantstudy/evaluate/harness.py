@@ -11,7 +11,7 @@ from unittest.mock import patch
 import numpy as np, torch
 from ..data import DATA_ENV, data_root, load_tokenizer
 from ..model import load_model
-from .columns import PAPER_SEEDS, PAPER_TASKS
+from ..paper import NUM_FEWSHOT, SEEDS, TASKS
 from .lambada import _lm_tokenizer
 from .perplexity import _batch_for
 from .tasks import NO_LOCAL_DATA, TASK_FILES, TASKS_DIR, task_unavailable
@@ -86,7 +86,7 @@ def _metrics(res: dict) -> dict:
             if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
 
 # %% ../../nbs/06d_harness.ipynb #e93ed419
-def downstream(model, tasks=PAPER_TASKS, num_fewshot: int = 5, seeds=PAPER_SEEDS, limit: int | float | None = None,
+def downstream(model, tasks=TASKS, num_fewshot: int = NUM_FEWSHOT, seeds=SEEDS, limit: int | float | None = None,
                data_dir=None, batch_size: int = 8, verbose: bool = False) -> dict:
     "Few-shot lm-eval accuracy of `model` (a model, a run/model directory, or an lm-eval LM) per task: mean and population std (the authors' `np.std`) over seeds."
     if not register(): raise ImportError("downstream needs lm-eval: pip install 'lm-eval>=0.4.13,<0.5'")

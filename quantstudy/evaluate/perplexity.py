@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..data import data_root, load_tokenizer, tokenize_corpus
 from ..model import eval_mode, model_device
 from ..qlinear import quantized_modules
-from .columns import PAPER_CORPORA
+from ..paper import PPL_CORPORA
 
 # %% auto #0
 __all__ = ['windows', 'Perplexity', 'batch_dependent', 'text_source', 'perplexity', 'perplexity_suite']
@@ -133,7 +133,7 @@ def perplexity(model, corpus, split: str = "test", *, tokenizer=None, data_dir=N
                       split=split if name else "", batch_size=batch_size, join=join if name else None)
 
 # %% ../../nbs/06a_perplexity.ipynb #8eb93a8b
-def perplexity_suite(model, corpora=PAPER_CORPORA, split: str = "test", lambada_limit: int | None = None,
+def perplexity_suite(model, corpora=PPL_CORPORA, split: str = "test", lambada_limit: int | None = None,
                      **kwargs) -> dict:
     "`perplexity` on each corpus (and `lambada` for `'lambada'`): {corpus: Perplexity | dict}."
     from quantstudy.evaluate.lambada import lambada   # here: lambada imports this module's batching rules
