@@ -221,14 +221,14 @@ def test_nan_run_is_evaluated_at_its_last_finite_checkpoint(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)                              # the model that is evaluated
     assert math.isfinite(load_model(run / "model")(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().item())
 
-def test_report_shows_an_evaluated_divergent_run_with_a_note():
-    from quantstudy.report import TABLES, fake_results, table_rows
-    r = fake_results("a4-tensor"); r["divergence"] = dict(step=120, reason="eval_loss 9.1 above 8.0 for 2 evaluations")
+def test_report_shows_an_evaluated_divergent_run_with_a_note(results_like):
+    from quantstudy.report import TABLES, table_rows
+    r = results_like("a4-tensor", divergence=dict(step=4, reason="eval_loss 9.1 above 8.0 for 2 evaluations"))  # trained on to 8
     t3 = next(t for t in TABLES if t.number == 3)
     rows, notes = table_rows(t3, {"a4-tensor": r})
     row = next(x for x in rows if x[-1] == "a4-tensor")
-    assert row[2] not in ("not run", "diverged@120") and float(row[2]) > 0
-    assert any("diverged at step 120" in n and "trained on" in n for n in notes)
+    assert row[3] == f"{r.metrics['perplexity']['wikitext2']:.2f}" and float(row[3]) > 0      # its numbers, not a state
+    assert any("diverged at step 4" in n and "trained on to step 8" in n for n in notes)
 
 # item 9: three placements of the quantized output gradient, by name; g8-token-input is the authors' switch
 def test_grad_placements_by_name():
@@ -257,29 +257,29 @@ def test_g8_token_input_is_the_authors_variant():
     assert get_experiment("g8-token").recipe.linear.grad_placement == "weight"
 
 # items 2, 5, 10: the report's footnotes state the protocol; 5 seeds, population std
-def _study(**train):
-    from quantstudy.report import fake_results
-    rs = {n: fake_results(n) for n in ("baseline", "w4-tensor", "m8-channel")}
+def _study(results_like, **train):
+    "Three runs' Results (their configurations as stored: each its own copy) trained with `train` and evaluated on the authors' seeds."
+    rs = {n: results_like(n) for n in ("baseline", "w4-tensor", "m8-channel")}
     for r in rs.values():
-        r["config"]["train"].update(train)
-        r["config"]["evals"] = {"downstream": {"seeds": [42, 1234, 1337, 2024, 1357]}}
+        r.config["train"].update(train)
+        r.config["evals"]["downstream"]["seeds"] = [42, 1234, 1337, 2024, 1357]
     return rs
 
-def test_ppl_footnotes_state_texts_1bw_floors_and_moments():
+def test_ppl_footnotes_state_texts_1bw_floors_and_moments(results_like):
     from quantstudy.report import TABLES, render_table
-    md, _ = render_table(next(t for t in TABLES if t.number == 2), _study(), "smoke")
+    md, _ = render_table(next(t for t in TABLES if t.number == 2), _study(results_like), "smoke")
     assert "wikitext-103-v1" in md and "wikitext-2-v1" in md and "joined with `\\n\\n`" in md
     assert "heldout shards 12-13" in md and "standard test shard 0" in md and "hub's `lm1b` test split is the standard" in md
     assert "1e-9 for gradients" in md and "1e-8 for optimizer states" in md and "linear layers' weights only" in md
 
-def test_task_footnotes_state_seeds_and_std():
+def test_task_footnotes_state_seeds_and_std(results_like):
     from quantstudy.report import TABLES, render_table
-    md, _ = render_table(next(t for t in TABLES if t.number == 6), _study(), "smoke")
+    md, _ = render_table(next(t for t in TABLES if t.number == 6), _study(results_like), "smoke")
     assert "42, 1234, 1337, 2024, 1357" in md and "population standard deviation" in md and "skipped offline" in md
 
-def test_summary_states_the_openwebtext_split():
+def test_summary_states_the_openwebtext_split(results_like):
     from quantstudy.report import render_summary
-    s = render_summary("paper", _study(corpus="openwebtext", val_fraction=None, val_seed=None, stop_on_divergence=False))
+    s = render_summary("paper", _study(results_like, corpus="openwebtext", val_fraction=None, val_seed=None, stop_on_divergence=False))
     assert "0.5% held out, seed 2345" in s and "holds out 0.05%" in s and "trained on to `max_steps`" in s
 
 def test_paper_evaluation_uses_the_authors_five_seeds():
@@ -322,15 +322,16 @@ def test_linear_share_on_a_cpu_profile():
     assert linear_share(p.key_averages(), "cpu")[0] == 0                       # no GEMM: no linear time
 
 # item 16: Table 1 (baseline against OpenAI's GPT-2) and the cross-run analysis figures
-def test_table1_has_a_not_available_offline_row():
-    from quantstudy.report import fake_results, render_table1
-    base = fake_results("baseline"); base["metrics"]["lambada"] = {"acc": 0.3597, "ppl": 34.8}
+def test_table1_has_a_not_available_offline_row(results_like):
+    from quantstudy.report import render_table1
+    base = results_like("baseline")
+    lam = base.metrics["lambada"]                                                 # the tiny run's own LAMBADA scorer
     md, text = render_table1({"baseline": base}, "paper")
-    assert "| OpenAI GPT-2 124M (pre-trained) | not available offline / 33.30 |" in md and "quantstudy run gpt2-openai" in md
-    assert "35.97 / 35.97" in md and "34.80 / 34.80" in md                      # our LAMBADA row beside the paper's
-    gpt2 = fake_results("baseline"); gpt2["experiment"] = "gpt2-openai"; gpt2["metrics"]["lambada"] = {"acc": 0.333, "ppl": 38.5}
+    assert "| OpenAI GPT-2 124M | not available offline / 33.30 |" in md and "quantstudy run gpt2-openai" in md
+    assert f"| baseline | {100 * lam['acc']:.2f} / 35.97 | {lam['ppl']:.2f} / 34.80 |" in md   # our LAMBADA row beside the paper's
+    gpt2 = results_like("gpt2-openai")
     md, _ = render_table1({"baseline": base, "gpt2-openai": gpt2}, "smoke")
-    assert "| OpenAI GPT-2 124M (pre-trained) | 33.30 | 38.50 |" in md
+    assert f"| OpenAI GPT-2 124M | {100 * gpt2.metrics['lambada']['acc']:.2f} | {gpt2.metrics['lambada']['ppl']:.2f} |" in md
 
 def test_gpt2_openai_is_an_evaluation_only_experiment():
     from quantstudy.experiments import get_experiment, study_experiments
@@ -343,23 +344,21 @@ def test_load_pretrained_offline_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="not available offline"): load_pretrained("gpt2-nonexistent-xyz", data_dir=tmp_path)
 
-def test_report_draws_the_cross_run_figures(tmp_path):
+def test_report_draws_the_cross_run_figures(results_like, tmp_path):
+    from conftest import write_study
     from quantstudy.model import Recipe
     from quantstudy.optim import OptimQuant
     from quantstudy.analysis.second_moment import second_moment
-    from quantstudy.report import fake_results, plot_analyses, report
+    from quantstudy.report import plot_analyses, report
     res = {}
     for name, recipe in (("baseline", Recipe()), ("v8-channel", Recipe(optim=OptimQuant(v="8-channel")))):
         m, opt = _tiny_step(recipe)
-        r = fake_results(name, study="s")
-        r["analysis"] = {"second_moment": {"data": second_moment(m, optimizer=opt), "figure": "fig12_second_moment.png"}}
-        res[name] = r
+        res[name] = results_like(name, study="s", analysis={
+            "second_moment": {"data": second_moment(m, optimizer=opt), "figure": "fig12_second_moment.png"}})
     paths = plot_analyses(res, tmp_path, "s")
     assert [p.name for p in paths] == ["fig12_right_second_moment.png"] and paths[0].stat().st_size > 10_000
-    runs = tmp_path / "runs" / "s"
-    for name, r in res.items():
-        (runs / name).mkdir(parents=True); (runs / name / "results.json").write_text(json.dumps(r))
-    out = report("s", runs.parent, tmp_path / "figures")
+    runs = write_study(tmp_path / "runs", "s", res)
+    out = report("s", runs, tmp_path / "figures")
     names = {p.name for p in out}
     assert {"fig12_right_second_moment.png", "table01_baseline_vs_gpt2.md", "table11_ptq_activations.md"} <= names
 

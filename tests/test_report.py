@@ -1,36 +1,48 @@
-"The report from results.json files alone: layout, run states, paper numbers beside ours, determinism, tolerance."
-import csv, json, math
+"""The report from results.json files alone, written by real runs (conftest's `results_like`): layout, run states,
+paper numbers beside ours, determinism, tolerance."""
+import csv, dataclasses, math
 from pathlib import Path
 import pytest
-from quantstudy.report import (FIGURES, PAPER, TABLES, TASK_COLUMNS, fake_results, load_results, quant_label,
-                               render_summary, render_table, report, row_label)
+from conftest import write_study
+from quantstudy.report import (FIGURES, PAPER, TABLES, TASK_COLUMNS, load_results, quant_label, render_summary,
+                               render_table, report, row_label)
+from quantstudy.rundir import Results, Status
 
-NO_DATA = {"mnli": "no local data for mnli", "wnli": "no local data for wnli"}
+NO_DATA = {"wnli": "no local data for wnli"}   # MNLI is skipped by the real run itself (no faithful local copy)
 RUNS = {"baseline": dict(final_loss=5.2, skipped=NO_DATA), "w4-channel": dict(final_loss=5.6, skipped=NO_DATA),
         "w8-tensor": dict(final_loss=5.35), "w8-channel": dict(final_loss=5.15),
-        "g4-tensor": dict(status="diverged", stop=120), "g4-token": dict(status="failed", stop=60),
+        "g4-tensor": dict(status="diverged", step=120), "g4-token": dict(status="failed", step=60),
         "g8-token": dict(final_loss=5.7), "a8-token": dict(final_loss=5.25), "w8a8": dict(final_loss=5.3),
         "ptq-w8-channel": dict(final_loss=5.21), "ptq-a4-tensor": dict(final_loss=9.5)}
 
-def write_study(root: Path, study: str, runs=RUNS) -> Path:
-    for name, kw in runs.items():
-        d = root / study / name
-        d.mkdir(parents=True)
-        (d / "results.json").write_text(json.dumps(fake_results(name, study, **kw)))
-    return root
+def study_results(results_like, study: str, runs=RUNS) -> dict[str, Results]:
+    "The `Results` of `runs` (name -> results_like's keywords) as study `study`."
+    return {name: results_like(name, study=study, **kw) for name, kw in runs.items()}
 
 def read_csv(p: Path) -> list[list[str]]: return list(csv.reader(p.read_text().splitlines()))
+def read_csv_text(text: str) -> list[list[str]]: return list(csv.reader(text.splitlines()))
 
 def table(stem): return next(t for t in TABLES if t.stem == stem)
 
+def task_cells(r: Results) -> list[str]:
+    "The cells a task table prints for `r`, read from its metrics: accuracy in %, `-` where skipped or absent, the Average."
+    accs = []
+    for t in TASK_COLUMNS:
+        acc = (r.metrics["tasks"].get(t) or {}).get("acc")
+        if acc is None and t == "lambada_openai": acc = (r.metrics.get("lambada") or {}).get("acc")   # our own scorer's
+        accs.append(None if acc is None else 100 * acc)
+    nums = [a for a in accs if a is not None]
+    return ["-" if a is None else f"{a:.2f}" for a in accs] + [f"{sum(nums) / len(nums):.2f}"]
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    root = write_study(tmp_path_factory.mktemp("runs"), "smoke")
+def smoke(results_like, tmp_path_factory):
+    res = study_results(results_like, "smoke")
+    root = write_study(tmp_path_factory.mktemp("runs"), "smoke", res)
     out = tmp_path_factory.mktemp("figures")
-    return root, out, report("smoke", root, out)
+    return root, out, report("smoke", root, out), res
 
 def test_files_written(smoke):
-    root, out, paths = smoke
+    root, out, paths, _ = smoke
     names = [p.name for p in paths]
     assert len(names) == len(set(names)) and all(p.parent == out / "smoke" and p.exists() for p in paths)
     expected = {f"{f.stem}.png" for f in FIGURES} | {f"{f.stem}_tasks.png" for f in FIGURES if f.tasks}
@@ -44,66 +56,74 @@ def test_files_written(smoke):
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"Software" not in data and b"matplotlib" not in data
 
 def test_run_states_in_tables(smoke):
-    _, out, _ = smoke
+    _, out, _, res = smoke
     t4 = read_csv(out / "smoke" / "table04_gradients_ppl.csv")
     assert t4[0] == ["#bit", "granularity", "WikiText103", "WikiText2", "PTB", "1BW", "experiment"]
     by = {r[-1]: r for r in t4[1:]}
     assert [r[-1] for r in t4[1:]] == list(table("table04_gradients_ppl").rows)         # the paper's row order
     assert by["g4-tensor"][:6] == ["4 bit", "per-tensor", *["diverged@120"] * 4]
     assert by["g4-token"][2:6] == ["failed"] * 4 and by["g8-tensor"][2:6] == ["not run"] * 4
-    assert float(by["g8-token"][2]) == round(math.exp(5.7) * 1.3, 2)
+    ppl = res["g8-token"].metrics["perplexity"]                                          # what the run wrote
+    assert by["g8-token"][3:5] == [f"{ppl['wikitext2']:.2f}", f"{ppl['ptb']:.2f}"] and by["g8-token"][2] == "-"
     md = (out / "smoke" / "table04_gradients_ppl.md").read_text()
     assert "diverged@120" in md and "out of memory" in md and "not comparable" in md
     assert "17990.70" not in md and "ours / paper" not in md                              # no paper numbers outside `paper`
 
 def test_task_table_percent_skips_and_average(smoke):
-    _, out, _ = smoke
+    _, out, _, res = smoke
     rows = read_csv(out / "smoke" / "table06_weights_tasks.csv")
     assert rows[0] == ["#bit", "granularity", "MNLI", "MRPC", "RTE", "QNLI", "SST", "WNLI", "ARC-Easy", "ARC-Challenge",
                        "LAMBADA", "HellaSwag", "Average", "experiment"]
     base = rows[1]
-    tasks = fake_results("baseline", skipped=NO_DATA)["metrics"]["tasks"]
-    accs = [100 * tasks[t]["acc"] for t in TASK_COLUMNS if "acc" in tasks[t]]
-    assert base[2] == base[7] == "-" and base[3] == f"{100 * tasks['mrpc']['acc']:.2f}"
-    assert base[12] == f"{sum(accs) / len(accs):.2f}" and len(accs) == 8
+    assert base[-1] == "baseline" and base[2:13] == task_cells(res["baseline"])
+    assert base[2] == base[7] == "-" and base[8] != "-" and base[10] != "-"   # skipped MNLI, WNLI; ARC-Easy, LAMBADA measured
     w8 = next(r for r in rows if r[-1] == "w8-tensor")
-    assert "-" not in w8 and all(0 <= float(v) <= 100 for v in w8[2:13])
+    assert w8[2:13] == task_cells(res["w8-tensor"])
+    assert all(0 <= float(v) <= 100 for v in w8[2:13] if v != "-")
     md = (out / "smoke" / "table06_weights_tasks.md").read_text()
-    assert "skipped: no local data for mnli" in md and "`-` WNLI" in md
+    mnli = res["baseline"].metrics["tasks"]["mnli"]["skipped"]                     # the real run's own reason
+    assert f"skipped: {mnli}" in md and "`-` WNLI, `baseline`, `w4-channel`: skipped: no local data for wnli" in md
+    assert "`-` WNLI, `w8-tensor`, `w8-channel`: not evaluated" in md     # the other rows: not skipped, just not evaluated
 
 def test_ptq_tables(smoke):
-    _, out, _ = smoke
+    _, out, _, res = smoke
     t10, t11 = read_csv(out / "smoke" / "table10_ptq_weights.csv"), read_csv(out / "smoke" / "table11_ptq_activations.csv")
     assert [r[:2] for r in t10[1:]] == [["", "baseline"], ["4 bit", "per-tensor"], ["4 bit", "per-column"],
                                          ["8 bit", "per-tensor"], ["8 bit", "per-column"]]
-    assert t10[-1][-1] == "ptq-w8-channel" and t10[-1][2] != "not run" and t10[2][2] == "not run"
-    assert t11[2][-1] == "ptq-a4-tensor" and float(t11[2][2]) > 1000
+    assert t10[-1][-1] == "ptq-w8-channel" and t10[-1][3] == f"{res['ptq-w8-channel'].metrics['perplexity']['wikitext2']:.2f}"
+    assert t10[2][2:6] == ["not run"] * 4
+    a4 = res["ptq-a4-tensor"].metrics["perplexity"]["wikitext2"]
+    assert t11[2][-1] == "ptq-a4-tensor" and t11[2][3] == f"{a4:.2f}" and a4 > res["baseline"].metrics["perplexity"]["wikitext2"]
 
 def test_summary(smoke):
-    _, out, _ = smoke
+    _, out, _, res = smoke
     s = (out / "smoke" / "summary.md").read_text()
     assert "| g4-tensor | diverged@120 |" in s and "| g4-token | failed |" in s and "`v8-tensor`" in s  # not run listed
+    assert f"| baseline | complete | {res['baseline'].final_val_loss:.2f} | 8 |" in s
     assert s.index("| baseline |") < s.index("| w4-channel |") < s.index("| g4-tensor |")      # the paper's order
-    for line in ("| warmup steps | 30 | 1000 | no |", "| schedule | cosine to 0 | cosine to 0 | yes |",
+    warmup = res["baseline"].config["train"]["warmup_steps"]
+    for line in (f"| warmup steps | {warmup} | 1000 | no |", "| schedule | cosine to 0 | cosine to 0 | yes |",
                  "| weight decay | 0.1 | 0.1 | yes |", "| grad clip | 1 | 1 | yes |", "| AdamW betas | (0.9, 0.999) | (0.9, 0.999) | yes |",
                  "| dropout | 0.1 | 0.1 | yes |", "| tied LM head | yes | yes | yes |", "| EOS between documents | no | no | yes |"):
         assert line in s, line
     assert "W 8-channel, A 8-token" in s and "PTQ A 4-tensor of baseline" in s
 
-def test_deterministic(tmp_path):
-    root = write_study(tmp_path / "runs", "smoke")
+def test_deterministic(results_like, tmp_path):
+    root = write_study(tmp_path / "runs", "smoke", study_results(results_like, "smoke"))
     a, b = report("smoke", root, tmp_path / "a"), report("smoke", root, tmp_path / "b")
     assert [p.name for p in a] == [p.name for p in b]
     for p, q in zip(a, b):
         assert p.read_bytes() == q.read_bytes(), p.name        # md, csv and (with Agg and no Software stamp) png
 
-def test_paper_study_shows_paper_numbers(tmp_path):
-    root = write_study(tmp_path / "runs", "paper")
+def test_paper_study_shows_paper_numbers(results_like, tmp_path):
+    res = study_results(results_like, "paper")
+    root = write_study(tmp_path / "runs", "paper", res)
     report("paper", root, tmp_path / "figs")
     out = tmp_path / "figs" / "paper"
     md = (out / "table04_gradients_ppl.md").read_text()
     assert "ours / paper" in md and "Chitsaz et al. 2024, Table 4" in md
     assert "| 4 bit | per-tensor | diverged@120 / 17990.70 |" in md and "not run / 123.08" in md
+    assert f"| 8 bit | per-token | - / 59.24 | {res['g8-token'].metrics['perplexity']['wikitext2']:.2f} / 47.50 |" in md
     head, *rows = read_csv(out / "table02_weights_ppl.csv")
     assert head == ["#bit", "granularity", "WikiText103", "WikiText2", "PTB", "1BW", "WikiText103 (paper)",
                     "WikiText2 (paper)", "PTB (paper)", "1BW (paper)", "experiment"]
@@ -122,46 +142,62 @@ def test_paper_numbers():
         for name, r in PAPER[n].items(): assert abs(sum(r[:10]) / 10 - r[10]) <= 0.01, (n, name)   # printed averages agree
     for t in TABLES: assert list(PAPER[t.number]) == [r for r in t.rows if r in PAPER[t.number]], t.stem  # same order
 
-def test_tolerant_loading(tmp_path):
-    root = write_study(tmp_path, "s", {"baseline": {}})
+def test_tolerant_loading(results_like, tmp_path):
+    root = write_study(tmp_path, "s", {"baseline": results_like("baseline", study="s")})
     (root / "s" / "w4-tensor").mkdir()                                   # started, no results.json
     (root / "s" / "w8-tensor").mkdir()
     (root / "s" / "w8-tensor" / "results.json").write_text("{truncated")
     with pytest.warns(UserWarning, match="unreadable"):
         res = load_results(root / "s")
-    assert sorted(res) == ["baseline", "w8-tensor"] and res["w8-tensor"]["status"] == "failed"
+    assert sorted(res) == ["baseline", "w8-tensor"] and res["w8-tensor"].status == Status.FAILED
+    assert res["baseline"].status == Status.COMPLETE and res["baseline"].to_dict() == results_like("baseline", study="s").to_dict()
     md, _ = render_table(table("table02_weights_ppl"), res, "s")
     assert "| 8 bit | per-tensor | failed |" in md and "unreadable results.json" in md and "| 4 bit | per-tensor | not run |" in md
     assert load_results(tmp_path / "nowhere") == {}
     with pytest.raises(FileNotFoundError, match="no results directory"): report("nope", tmp_path, tmp_path / "out")
+
+def test_load_results_names_another_schema(tiny_run, tmp_path):
+    newer = dataclasses.replace(tiny_run.results(), study="s", schema=2)   # a results.json of a later quantstudy
+    write_study(tmp_path, "s", {"baseline": newer})
+    with pytest.warns(UserWarning, match="results schema 2; this quantstudy reads schema 1"):
+        res = load_results(tmp_path / "s")
+    r = res["baseline"]
+    assert r.status == Status.FAILED and r.experiment == "baseline" and "results schema 2" in r.reason
+    md, _ = render_table(table("table02_weights_ppl"), res, "s")
+    assert "|  | baseline | failed | failed |" in md and "results schema 2" in md
 
 def test_empty_study_is_an_error_not_empty_figures(tmp_path):
     (tmp_path / "runs" / "empty").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no <experiment>/results.json under"): report("empty", tmp_path / "runs", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
-def test_metric_variants():
-    r = fake_results("baseline")
-    r["metrics"]["perplexity"]["ptb"] = float("inf")
-    del r["metrics"]["perplexity"]["lm1b"]
-    r["metrics"]["tasks"]["lambada_openai"] = r["metrics"]["tasks"].pop("lambada")       # lm-eval's task name
+def test_metric_variants(results_like):
+    r = results_like("baseline")
+    ppl = r.metrics["perplexity"]                                   # this Results' own dict: editing it touches no other
+    assert "lm1b" not in ppl and "wikitext2" in ppl                 # the tiny run evaluates WikiText2 and PTB only
+    ppl["ptb"] = float("inf")
     md, text = render_table(table("table02_weights_ppl"), {"baseline": r}, "x")
     base = read_csv_text(text)[1]
-    assert base[4] == "inf" and base[5] == "-" and "not evaluated" in md
-    _, text = render_table(table("table06_weights_tasks"), {"baseline": r}, "x")
-    assert read_csv_text(text)[1][10] == f"{100 * r['metrics']['tasks']['lambada_openai']['acc']:.2f}"
-    r["metrics"]["tasks"].pop("lambada_openai")
-    r["metrics"]["lambada"] = {"acc": 0.3597, "ppl": 34.8}                             # metrics.lambada fallback
-    _, text = render_table(table("table06_weights_tasks"), {"baseline": r}, "x")
-    assert read_csv_text(text)[1][10] == "35.97"
+    assert base[3] == f"{ppl['wikitext2']:.2f}" and base[4] == "inf" and base[5] == "-" and "not evaluated" in md
+    tasks = table("table06_weights_tasks")
+    _, text = render_table(tasks, {"baseline": r}, "x")
+    assert read_csv_text(text)[1][10] == f"{100 * r.metrics['lambada']['acc']:.2f}"   # our LAMBADA scorer, no lm-eval task
+    r.metrics["tasks"] = {**r.metrics["tasks"], "lambada_openai": {"acc": 0.3597}}     # lm-eval's task name wins
+    _, text = render_table(tasks, {"baseline": r}, "x")
+    row = read_csv_text(text)[1]
+    arc = 100 * r.metrics["tasks"]["arc_easy"]["acc"]
+    assert row[10] == "35.97" and row[12] == f"{(arc + 35.97) / 2:.2f}"                 # the Average over the tasks it has
+    r.metrics = {k: v for k, v in r.metrics.items() if k != "lambada"}
+    r.metrics["tasks"] = {k: v for k, v in r.metrics["tasks"].items() if k != "lambada_openai"}
+    md, text = render_table(tasks, {"baseline": r}, "x")
+    assert read_csv_text(text)[1][10] == "-" and "`-` LAMBADA, `baseline`: not evaluated" in md
 
-def read_csv_text(text: str) -> list[list[str]]: return list(csv.reader(text.splitlines()))
-
-def test_labels_and_validation():
+def test_labels_and_validation(results_like, tiny_run):
     assert row_label("a4-token-asym") == ("4 bit", "per-token asymmetric") and row_label("ptq-a4-channel") == ("4 bit", "per-column")
-    assert quant_label(fake_results("w8a8g8")["config"]) == "W 8-channel, A 8-token, G 8-token"
-    assert quant_label(fake_results("g8-token-input")["config"]) == "G 8-token (input grads only)"
-    assert quant_label(fake_results("m4-channel")["config"]) == "M 4-channel" and quant_label(fake_results("baseline")["config"]) == "none"
-    with pytest.raises(ValueError, match="status='done'"): fake_results("baseline", status="done")
+    assert quant_label(results_like("w8a8g8").config) == "W 8-channel, A 8-token, G 8-token"
+    assert quant_label(results_like("g8-token-input").config) == "G 8-token (input grads only)"
+    assert quant_label(results_like("m4-channel").config) == "M 4-channel" and quant_label(tiny_run.results().config) == "none"
+    assert quant_label(results_like("ptq-w8-channel").config) == "PTQ W 8-channel of baseline"
+    with pytest.raises(ValueError, match="status='done'"): Results.from_dict({**tiny_run.results().to_dict(), "status": "done"})
     s = render_summary("x", {})
     assert "0 runs with results" in s and "| warmup steps | - | 1000 | - |" in s
