@@ -28,7 +28,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_config(data_dir):
     "A factory of 2-layer, 32-wide smoke configs on PTB (its ~80k-token valid split as the training set: fast)."
-    from quantstudy.train import TrainConfig
+    from quantstudy.config import TrainConfig
     base = dict(size="tiny", model=dict(n_layer=2, n_head=2, n_embd=32), corpus="ptb", train_split="valid",
                 val_split="test", data_dir=str(data_dir), block_size=32, batch_size=8, micro_batch_size=4, max_steps=24,
                 warmup_steps=2, eval_every=8, eval_blocks=8, log_every=2, save_every=4, lr=3e-3)
@@ -65,8 +65,8 @@ def results_like(tiny_run):
     `status` at `step`, its validation curve shifted to end at `final_loss` and its perplexities scaled to match."""
     import dataclasses, json, math
     from quantstudy.experiments import get_experiment
-    real = tiny_run.results()
     def make(name, status="complete", final_loss=None, step=None, study="tiny", skipped=None, **fields):
+        real = tiny_run.results()   # read afresh: each Results its own, a test that edits one changes no other
         cfg = json.loads(json.dumps({**get_experiment(name, "smoke", TINY_EVALS, **TINY_RUN).to_dict(), "overrides": TINY_RUN}))  # as stored
         val = [dict(p) for p in real.curves["val"]]
         step = real.step if step is None else step

@@ -17,7 +17,8 @@ from quantstudy.model import Recipe, build_model
 from quantstudy.optim import OptimQuant, QAdamW
 from quantstudy.qlinear import LinearQuant, quantized_modules
 from quantstudy.optim import make_optimizer
-from quantstudy.train import TrainConfig, train
+from quantstudy.train import train
+from quantstudy.config import TrainConfig
 
 pytestmark = pytest.mark.numerics   # thresholds on sharpness, gradient errors and zero bins: rerun on AVX2
 MINI = dict(n_layer=1, n_head=2, n_embd=32, vocab_size=1000)   # profiled in milliseconds

@@ -353,7 +353,7 @@ def test_param_groups_by_module_type():
 def test_make_optimizer_quantizes_the_linear_weights_moments_only():
     from quantstudy.model import Recipe, build_model
     from quantstudy.optim import make_optimizer
-    from quantstudy.train import preset
+    from quantstudy.config import preset
     cfg = preset("smoke")
     m = build_model("tiny", Recipe(optim=OptimQuant(m="8-channel")))
     opt, sched = make_optimizer(m, cfg, Recipe(optim=OptimQuant(m="8-channel")))

@@ -67,7 +67,8 @@ def test_openwebtext_never_falls_back_to_the_sample():
 
 @needs_data
 def test_paper_preset_fails_before_training_without_the_full_corpus(tmp_path):
-    from quantstudy.train import datasets_for, preset
+    from quantstudy.train import datasets_for
+    from quantstudy.config import preset
     with pytest.raises(FileNotFoundError, match="openwebtext.jsonl"): datasets_for(preset("paper"))
 
 @needs_data
@@ -149,7 +150,7 @@ def _tiny_step(recipe, seed=0):
     "A tiny GPT-2 with `recipe` after one optimizer step of `make_optimizer` on a fixed batch."
     from quantstudy.model import build_model
     from quantstudy.optim import make_optimizer
-    from quantstudy.train import preset
+    from quantstudy.config import preset
     m = build_model("tiny", recipe, seed=seed)
     x = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)   # the same dropout masks in every call
@@ -188,12 +189,13 @@ TINY = dict(max_steps=12, eval_every=4, save_every=4, log_every=2, warmup_steps=
             batch_size=8, micro_batch_size=8, model=dict(n_layer=1, n_head=2, n_embd=32))
 
 def test_presets_divergence_policy():
-    from quantstudy.train import preset
+    from quantstudy.config import preset
     assert preset("paper").stop_on_divergence is False and preset("smoke").stop_on_divergence is True
 
 @needs_data
 def test_divergence_recorded_and_training_goes_on(tmp_path):
-    from quantstudy.train import preset, train
+    from quantstudy.train import train
+    from quantstudy.config import preset
     cfg = preset("smoke", **TINY, diverge_loss=0.5, stop_on_divergence=False)   # every evaluation is above 0.5
     res = train(cfg, tmp_path / "run")
     assert res["status"] == "complete" and res["step"] == 12                    # trained to max_steps
@@ -204,7 +206,8 @@ def test_divergence_recorded_and_training_goes_on(tmp_path):
 @needs_data
 def test_nan_run_is_evaluated_at_its_last_finite_checkpoint(tmp_path):
     from transformers import TrainerCallback
-    from quantstudy.train import finite_weights, preset, train
+    from quantstudy.train import finite_weights, train
+    from quantstudy.config import preset
     from quantstudy.model import load_model
     class Poison(TrainerCallback):
         "NaN weights after step 7: the loss of step 8 is NaN."
@@ -372,18 +375,20 @@ def test_paper_analyses_run_at_the_papers_settings():
     assert get_experiment("baseline", "smoke").analysis_settings == {}
     assert get_experiment("w4-tensor", "paper").analysis_settings == {}          # only the analyses a run has
     json.dumps(get_experiment("baseline", "paper").to_dict())
-    template = (Path(__file__).resolve().parents[1] / "nbs" / "templates" / "experiment.ipynb").read_text()
-    assert "exp.analysis_settings.get(name, {})" in template                    # the template passes them on
+    import inspect, quantstudy.pipeline
+    assert "exp.analysis_settings.get(name, {})" in inspect.getsource(quantstudy.pipeline.analyse_run)   # the pipeline passes them on
 
 # item 12: sparse analysis snapshots at a cadence, analysed across training; Fig. 10 early on
 @needs_data
 def test_snapshots_outlive_checkpoint_rotation_and_are_analysed(tmp_path):
-    from quantstudy.train import checkpoints, preset, snapshots, train
+    from quantstudy.train import snapshots, train
+    from quantstudy.rundir import RunDir
+    from quantstudy.config import preset
     from quantstudy.analysis.activations import activations
     from quantstudy.analysis.gradients import gradients
     run = tmp_path / "run"
     train(preset("smoke", **TINY, snapshot_every=4), run)                      # saves at 4, 8, 12; keeps the last 2
-    assert sorted(checkpoints(run)) == [8, 12] and sorted(snapshots(run)) == [4, 8, 12]
+    assert sorted(RunDir(run).checkpoints()) == [8, 12] and sorted(snapshots(run)) == [4, 8, 12]
     acts = activations(run, recorded=False)
     assert [s["step"] for s in acts["snapshots"]][:3] == [4, 8, 12]            # Fig. 6 across training, not the last steps only
     early = gradients(run, checkpoint="first", batch_size=2, specs=("8-token",))

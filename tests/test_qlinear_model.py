@@ -9,7 +9,8 @@ from transformers.pytorch_utils import Conv1D
 from quantstudy.quantizers import QuantSpec
 from quantstudy.qlinear import (LinearQuant, QuantLinear, QuantConv1D, quant_linear, quantize_model,
                                 quantized_modules, select_modules, linear_modules)
-from quantstudy.model import Recipe, SIZES, gpt2_config, build_model, save_model, load_model, check_recipe
+from quantstudy.model import Recipe, gpt2_config, build_model, save_model, load_model, check_recipe
+from quantstudy.config import SIZES
 from quantstudy.optim import OptimQuant
 
 pytestmark = pytest.mark.numerics   # bit-identities and tolerances: rerun under AVX2 kernels and 2 threads

@@ -3,7 +3,8 @@ import json, math, os, random, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
-from quantstudy.train import TrainConfig, preset, write_run_config, last_checkpoint
+from quantstudy.train import write_run_config, last_checkpoint
+from quantstudy.config import TrainConfig, preset
 from quantstudy.model import Recipe
 from quantstudy.qlinear import LinearQuant
 from quantstudy.optim import OptimQuant

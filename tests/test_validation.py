@@ -2,7 +2,8 @@
 import json, math, os, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pytest, torch
-from quantstudy.train import TrainConfig, preset, checkpoint_problem, checkpoints, last_checkpoint, resume_checkpoint
+from quantstudy.train import checkpoint_problem, checkpoints, last_checkpoint, resume_checkpoint
+from quantstudy.config import TrainConfig, preset
 from quantstudy.experiments import get_experiment
 from quantstudy.data import cache_problem, check_corpus, load_corpus, load_tokenizer, tokenize_corpus
 from quantstudy import runner
