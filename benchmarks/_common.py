@@ -3,7 +3,7 @@ from __future__ import annotations
 import argparse, datetime, os, platform, re, statistics, sys, time
 from pathlib import Path
 import torch
-from quantstudy.train import tune_cpu_allocator
+from quantstudy.host import tune_cpu_allocator
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 

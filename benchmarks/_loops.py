@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np, torch
 from transformers import TrainerCallback
 import quantstudy.train as qt
+from quantstudy.host import tune_cpu_allocator
 from quantstudy.optim import make_optimizer
 from quantstudy.data import BlockDataset
 from quantstudy.model import build_model, eval_mode
@@ -77,7 +78,7 @@ class PlainLoop:
     def __init__(self, cfg, recipe=None, datasets=None, out_dir=None, compile_backend: str | None = None, device=None):
         self.cfg, self.out_dir, self.step_no = cfg, out_dir, 0
         self.device = device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cpu": qt.tune_cpu_allocator()
+        if device.type == "cpu": tune_cpu_allocator()
         self.train_ds, self.val_ds = datasets if datasets is not None else qt.datasets_for(cfg)
         self.model = build_model(cfg.size, recipe, seed=cfg.seed, n_positions=cfg.block_size, resid_pdrop=cfg.dropout,
                                  embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **cfg.model).to(device).train()

@@ -26,7 +26,8 @@ from quantstudy.analysis.memory import MEMORY_CATEGORIES, _fresh_model, profile_
 from quantstudy.model import Recipe, build_model, gpt2_config
 from quantstudy.optim import OptimQuant, QAdamW, make_optimizer
 from quantstudy.qlinear import LinearQuant, QuantLinear, int8_matmul, _pad_operands
-from quantstudy.train import tune_cpu_allocator, write_json
+from quantstudy.host import tune_cpu_allocator
+from quantstudy.rundir import write_json
 from quantstudy.config import TrainConfig
 
 PEAK_BF16 = 989e12   # H100 SXM dense bf16 FLOP/s (datasheet); the H200 has the same tensor cores and clocks

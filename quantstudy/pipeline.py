@@ -47,6 +47,7 @@ def model_for(exp: Experiment, rd: RunDir, res: Results, nproc: int = 1):
         for k in _TRAINED: setattr(res, k, tr.get(k))
         res.status = Status(res.status)
         res.timings.update(tr.get("timings") or {})
+        res.hardware["world_size"] = tr.get("world_size", nproc)   # the processes it trained on: a finished run keeps no hand-off
         return load_model(rd.model)
     base = RunDir(rd.path.parent / exp.base)
     b = base.results()

@@ -9,7 +9,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from fastcore.basics import patch
+try: from fastcore.basics import patch
+except ImportError:   # the GPU image has no fastcore, and the trainer imports this module: the little of `patch` used here
+    def patch(f):
+        "Add `f` to the class its first parameter is annotated with (a string, under `from __future__ import annotations`)."
+        import inspect
+        inner = inspect.unwrap(f)   # a `contextmanager` keeps the function, and its globals, in `__wrapped__`
+        cls = inner.__annotations__[next(iter(inspect.signature(inner).parameters))]
+        setattr(inner.__globals__[cls] if isinstance(cls, str) else cls, f.__name__, f)
+        return f
 
 # %% auto #0
 __all__ = ['SCHEMA', 'FINISHED', 'CHECKPOINT_JSON', 'CHECKPOINT_TORCH', 'write_json', 'read_json', 'Status', 'Results',
@@ -19,9 +27,10 @@ __all__ = ['SCHEMA', 'FINISHED', 'CHECKPOINT_JSON', 'CHECKPOINT_TORCH', 'write_j
 def write_json(path, obj) -> Path:
     "Write `obj` as JSON to `path` atomically (a temp file, then a rename): readers never see half a file."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=1, default=float)   # an unserializable value fails here, before any file is touched
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
+    try: tmp.write_text(text); os.replace(tmp, path)
+    except BaseException: tmp.unlink(missing_ok=True); raise   # a full disk or a failed rename leaves no temp file behind
     return path
 
 def read_json(path, what: str = "") -> dict | None:

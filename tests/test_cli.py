@@ -117,9 +117,9 @@ def test_corrupt_results_json_is_named(tmp_path, capsys):
 @needs_data
 def test_a_finished_run_under_other_overrides_exits_2_unless_forced(tmp_path, capsys):
     from quantstudy.experiments import get_experiment
-    d = tmp_path / "runs" / "smoke" / "w8a8"; d.mkdir(parents=True)
-    r = dict(status="complete", step=300, config=dict(**get_experiment("w8a8").to_dict(), overrides={}), curves={}, timings={})
-    (d / "results.json").write_text(json.dumps(r))
+    from quantstudy.rundir import Results, RunDir
+    RunDir(tmp_path / "runs" / "smoke" / "w8a8").write_results(   # a finished run of the smoke preset, as an older runner left it
+        Results(study="smoke", experiment="w8a8", status="complete", step=300, config=dict(**get_experiment("w8a8").to_dict(), overrides={})))
     assert main(["run", "w8a8", "--runs-root", str(tmp_path / "runs")]) == 0   # the same: the finished result
     assert "| w8a8 | complete | 300 |" in capsys.readouterr().out
     _fails_in_one_line(capsys, ["run", "w8a8", "--runs-root", str(tmp_path / "runs"), "-o", "lr=0.05"], "train.lr: 0.002 -> 0.05")
@@ -128,12 +128,12 @@ def test_a_finished_run_under_other_overrides_exits_2_unless_forced(tmp_path, ca
 
 @needs_data
 def test_a_second_writer_is_refused(tmp_path, capsys):
-    from quantstudy.runner import run_lock
-    with run_lock(tmp_path / "runs" / "smoke" / "w8a8"):
+    from quantstudy.runner import run_dir
+    with run_dir("smoke", "w8a8", tmp_path / "runs").lock():
         _fails_in_one_line(capsys, ["run", "w8a8", "--runs-root", str(tmp_path / "runs")], f"is in use by pid {os.getpid()}")
 
 FAILING_TEMPLATE = {"cells": [
-    {"cell_type": "code", "id": "p", "metadata": {"tags": ["parameters"]}, "execution_count": None, "outputs": [], "source": "x = 1"},
+    {"cell_type": "code", "id": "p", "metadata": {"tags": ["parameters"]}, "execution_count": None, "outputs": [], "source": "run_json = None"},
     {"cell_type": "code", "id": "b", "metadata": {}, "execution_count": None, "outputs": [],
      "source": "print('step 1', flush=True)\nraise ValueError('boom at step 2')"}],
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}, "nbformat": 4, "nbformat_minor": 5}

@@ -51,7 +51,7 @@ def test_a_missing_run_does_not_reproduce(fresh):
 
 def test_cli_reference_exit_code(fresh, monkeypatch, capsys):
     "`quantstudy study smoke --reference`: the sweep (stubbed here: nothing to train) then the verdict and its exit code."
-    monkeypatch.setattr(runner, "sweep", lambda study, *a, **kw: {n: runner.read_results(runner.run_dir(study, n, fresh))
+    monkeypatch.setattr(runner, "sweep", lambda study, *a, **kw: {n: runner.run_dir(study, n, fresh).results()
                                                                    for n in study_experiments(study)})
     args = ["sweep", "smoke", "--runs-root", str(fresh), "--reference", str(REFERENCE)]
     assert main(args) == 0 and f"Reproduced: {N} of {N}" in capsys.readouterr().out

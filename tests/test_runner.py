@@ -2,7 +2,8 @@
 import json, subprocess, sys
 from pathlib import Path
 import pytest
-from quantstudy.runner import run_experiment, sweep, read_results
+from quantstudy.runner import run_dir, run_experiment, sweep
+from quantstudy.rundir import RunDir
 from quantstudy.report import report
 
 pytestmark = pytest.mark.usefixtures("data_dir")   # every run trains on PTB: skipped without a data root
@@ -25,12 +26,21 @@ def mtimes(root: Path) -> dict:
     "Each file's mtime but the run directories' `.lock`, which whoever holds the run stamps with its pid."
     return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != ".lock"}
 
+def json_files(rd: RunDir) -> list:
+    "The names of the JSON files a run directory holds at its top level."
+    return sorted(p.name for p in rd.path.glob("*.json"))
+
 def test_run_rerun_and_relative_paths(tmp_path, executions):
     root = tmp_path / "papermill_runs"
     r = run_experiment("w8a8", "t", overrides=TINY, evals=EVALS, runs_root=root)
-    assert r["status"] == "complete" and r["schema"] == 1 and r["step"] == 6
-    assert r["config"]["recipe"]["linear"]["weight"]["bits"] == 8 and r["metrics"]["tasks"]["mnli"]["skipped"]
-    assert r["versions"]["torch"] and r["hardware"]["device"] == "cpu"
+    assert r.status == "complete" and r.schema == 1 and r.step == 6 and r.finished
+    assert r.config["recipe"]["linear"]["weight"]["bits"] == 8 and r.metrics["tasks"]["mnli"]["skipped"]
+    assert r.versions["torch"] and r.hardware["device"] == "cpu" and r.hardware["world_size"] == 1
+    rd = run_dir("t", "w8a8", root)
+    assert json_files(rd) == ["results.json", "run.json"] and rd.results() == r   # the config in run.json, no hand-off left
+    run = rd.read_run()
+    assert (run["study"], run["experiment"], run["preset"], run["overrides"]) == ("t", "w8a8", "smoke", TINY)
+    assert {k: v for k, v in r.config.items() if k != "overrides"} == run["config"] and r.config["overrides"] == TINY
     nb = (root / "t" / "w8a8.ipynb").read_text()
     assert str(tmp_path) not in nb and "/work/" not in nb            # no machine paths in the committed notebooks
     before, ran = mtimes(root), len(executions)
@@ -44,11 +54,12 @@ def test_sweep_records_a_broken_experiment_and_goes_on(tmp_path, executions):
     res = sweep("smoke", only=["baseline", "w8-channel", "ptq-w8-channel"], overrides={**TINY}, evals=EVALS,
                 analyses=["second_moment"], runs_root=root, per_experiment={"w8-channel": {"corpus": str(latin)}},
                 quiet=True)
-    assert res["w8-channel"]["status"] == "failed" and "is not UTF-8" in res["w8-channel"]["reason"]
-    assert "cell" in res["w8-channel"]["reason"]                      # papermill names where it failed
-    assert res["baseline"]["status"] == "complete" and res["ptq-w8-channel"]["status"] == "complete"
-    assert read_results(root / "smoke" / "w8-channel")["status"] == "failed"
-    assert res["baseline"]["analysis"]["second_moment"]["figure"].endswith(".png")
+    assert res["w8-channel"].status == "failed" and "is not UTF-8" in res["w8-channel"].reason
+    assert "cell" in res["w8-channel"].reason                         # papermill names where it failed
+    assert res["baseline"].status == "complete" and res["ptq-w8-channel"].status == "complete"
+    assert run_dir("smoke", "w8-channel", root).results() == res["w8-channel"]
+    assert res["baseline"].analysis["second_moment"]["figure"].endswith(".png")
+    assert res["ptq-w8-channel"].curves == res["baseline"].curves    # how the quantized model was trained
     before, ran = mtimes(root), len(executions)
     again = sweep("smoke", only=["baseline", "ptq-w8-channel"], overrides=TINY, evals=EVALS, analyses=["second_moment"],
                   runs_root=root, quiet=True)
@@ -63,17 +74,37 @@ def test_bad_input_fails_before_work(tmp_path):
     with pytest.raises(ValueError, match="not experiments of study"): sweep("smoke", only=["g8-token-input"], runs_root=tmp_path)
     assert not any(tmp_path.iterdir())
 
+def test_a_failed_evaluation_keeps_the_training(tmp_path, monkeypatch):
+    "The trainer's hand-off outlives a failed evaluation: the re-run evaluates the trained model, it does not train again."
+    from quantstudy import pipeline, runner, train
+    from quantstudy.experiments import get_experiment
+    rd = run_dir("t", "w8a8", tmp_path)
+    rd.write_run("t", "w8a8", get_experiment("w8a8", "smoke", ONLY_PPL, [], **TINY).to_dict(), preset="smoke", overrides=TINY)
+    real = pipeline.evaluate_model
+    def out_of_memory(model, evals): raise RuntimeError("out of memory")
+    monkeypatch.setattr(pipeline, "evaluate_model", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"): pipeline.run_pipeline(rd.run_file)
+    failed = runner._record_failure(rd, "cell 3: RuntimeError: out of memory")   # what the runner does with the kernel's error
+    assert rd.results() == failed and failed.status == "failed" and not failed.finished
+    trained = rd.read_training()
+    assert trained["status"] == "complete" and trained["step"] == 6 and json_files(rd) == ["results.json", "run.json", "train_result.json"]
+    monkeypatch.setattr(pipeline, "evaluate_model", real)
+    def no_training(*a, **kw): raise AssertionError("trained again")
+    monkeypatch.setattr(train, "datasets_for", no_training)
+    r = pipeline.run_pipeline(rd.run_file)
+    assert r.status == "complete" and r.step == 6 and r.curves == trained["curves"] and r.metrics["perplexity"]["ptb"] > 1
+    assert json_files(rd) == ["results.json", "run.json"] and rd.results() == r   # finished: the hand-off is gone
+
 def test_nproc_2_on_cpu(tmp_path):
     r = run_experiment("w8-channel", "t", overrides={**TINY, "dropout": 0.0}, evals=ONLY_PPL,
                        runs_root=tmp_path / "papermill_runs", nproc=2)
-    assert r["status"] == "complete", r.get("reason")
-    tr = json.loads((tmp_path / "papermill_runs" / "t" / "w8-channel" / "train_result.json").read_text())
-    assert tr["world_size"] == 2
+    assert r.status == "complete", r.reason
+    assert r.hardware["world_size"] == 2 and run_dir("t", "w8-channel", tmp_path / "papermill_runs").read_run()["nproc"] == 2
 
 def test_submitit_local_executor(tmp_path):
     res = sweep("smoke", "submitit-local", only=["w8a8"], overrides=TINY, evals=ONLY_PPL,
                 runs_root=tmp_path / "papermill_runs", quiet=True)
-    assert res["w8a8"]["status"] == "complete", res["w8a8"].get("reason")
+    assert res["w8a8"].status == "complete", res["w8a8"].reason
 
 def test_cli(tmp_path):
     exe = Path(sys.executable).with_name("quantstudy")

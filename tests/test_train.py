@@ -3,8 +3,8 @@ import json, math, os, random, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
-from quantstudy.train import write_run_config, last_checkpoint
 from quantstudy.config import TrainConfig, preset
+from quantstudy.rundir import RunDir
 from quantstudy.model import Recipe
 from quantstudy.qlinear import LinearQuant
 from quantstudy.optim import OptimQuant
@@ -27,25 +27,28 @@ def finish(p, timeout=300):
     assert p.returncode == 0, out[-3000:]
     return out
 
-def result(d): return json.loads((Path(d) / "train_result.json").read_text())
+def result(d): return json.loads((Path(d) / "train_result.json").read_text())   # a bare training run: the trainer's hand-off
+
+def record(d, cfg, recipe=RECIPE) -> Path:
+    "Write run directory `d`'s run.json for a bare training run of `cfg` and `recipe`; its path (the trainer's --config)."
+    return RunDir(d).write_run("t", Path(d).name, dict(train=cfg.to_dict(), recipe=recipe.to_dict()))
 
 def test_sigkill_resume_is_bit_exact(tiny_config, tmp_path):
     cfg = tiny_config()
-    write_run_config(tmp_path / "a.json", cfg, tmp_path / "a", RECIPE)
-    write_run_config(tmp_path / "b.json", cfg, tmp_path / "b", RECIPE)
-    finish(run(tmp_path / "a.json", tmp_path))
+    a_json, b_json = record(tmp_path / "a", cfg), record(tmp_path / "b", cfg)
+    finish(run(a_json, tmp_path))
     # b: killed with SIGKILL once a random checkpoint is complete (possibly mid-way through writing the next one)
     kill_at = random.choice([4, 8, 12, 16])
-    p = run(tmp_path / "b.json", tmp_path)
+    p = run(b_json, tmp_path)
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
-        ck = last_checkpoint(tmp_path / "b") if (tmp_path / "b").exists() else None
+        ck = RunDir(tmp_path / "b").last_checkpoint() if (tmp_path / "b").exists() else None
         if ck and int(ck.name.split("-")[1]) >= kill_at: break
         time.sleep(0.05)
     assert p.poll() is None, "the run ended before it could be killed"
     p.send_signal(signal.SIGKILL); p.wait()
     assert not (tmp_path / "b" / "train_result.json").exists()
-    finish(run(tmp_path / "b.json", tmp_path))
+    finish(run(b_json, tmp_path))
     a, b = result(tmp_path / "a"), result(tmp_path / "b")
     assert all(math.isfinite(p["loss"]) for p in a["curves"]["train"]), "the run diverged: no resume question to ask"
     assert b["resumed_from"] is not None and a["resumed_from"] is None
@@ -56,10 +59,8 @@ def test_sigkill_resume_is_bit_exact(tiny_config, tmp_path):
 @pytest.mark.numerics
 def test_ddp_two_processes_match_one(tiny_config, tmp_path):
     cfg = tiny_config(dropout=0.0, max_steps=8, eval_every=4, save_every=8)   # no dropout: ranks draw different masks
-    write_run_config(tmp_path / "one.json", cfg, tmp_path / "one", RECIPE)
-    write_run_config(tmp_path / "two.json", cfg, tmp_path / "two", RECIPE)
-    finish(run(tmp_path / "one.json", tmp_path))
-    finish(run(tmp_path / "two.json", tmp_path, nproc=2))
+    finish(run(record(tmp_path / "one", cfg), tmp_path))
+    finish(run(record(tmp_path / "two", cfg), tmp_path, nproc=2))
     one, two = result(tmp_path / "one"), result(tmp_path / "two")
     assert two["world_size"] == 2 and one["world_size"] == 1
     l1 = [p["loss"] for p in one["curves"]["train"]]; l2 = [p["loss"] for p in two["curves"]["train"]]

@@ -2,13 +2,13 @@
 import json, math, os, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pytest, torch
-from quantstudy.train import checkpoint_problem, checkpoints, last_checkpoint, resume_checkpoint
+from quantstudy.train import resume_checkpoint
 from quantstudy.config import TrainConfig, preset
+from quantstudy.rundir import Results, RunDir, RunInUse, checkpoint_problem, config_hash
+from quantstudy.host import git_commit
 from quantstudy.experiments import get_experiment
 from quantstudy.data import cache_problem, check_corpus, load_corpus, load_tokenizer, tokenize_corpus
-from quantstudy import runner
-from quantstudy.runner import (RunInUse, check_config, check_name, clear_run_dir, inside, read_results, run_dir,
-                               run_experiment, run_lock)
+from quantstudy.runner import check_name, inside, record_run, run_dir, run_experiment
 
 needs_data = pytest.mark.usefixtures("data_dir")   # conftest: skipped without a data root
 
@@ -167,14 +167,15 @@ DAMAGE = [  # (file, how) -> the reason must name the file
 @pytest.mark.parametrize("name,how", DAMAGE, ids=[f"{n}-{h}" for n, h in DAMAGE])
 def test_an_incomplete_checkpoint_is_skipped_named_and_removed(tmp_path, name, how):
     good, bad = _checkpoint(tmp_path, 100), _checkpoint(tmp_path, 200)
-    assert checkpoint_problem(good) is None and sorted(checkpoints(tmp_path)) == [100, 200]
+    assert checkpoint_problem(good) is None and sorted(RunDir(tmp_path).checkpoints()) == [100, 200]
     f = bad / name
     if how == "missing": f.unlink()
     elif how == "garbage": f.write_bytes(b"garbage \x00\xff" * 10)
     else: os.truncate(f, f.stat().st_size // 2)
     why = checkpoint_problem(bad)
     assert why and why.startswith(name) and ("missing" in why if how == "missing" else "does not load" in why)
-    assert sorted(checkpoints(tmp_path)) == [100] and last_checkpoint(tmp_path) == good
+    assert sorted(RunDir(tmp_path).checkpoints()) == [100] and RunDir(tmp_path).last_checkpoint() == good
+    assert sorted(RunDir(tmp_path).checkpoint_dirs()) == [100, 200]   # the incomplete one is still listed as a directory
     said = []
     assert resume_checkpoint(tmp_path, log=said.append) == good
     assert said == [f"resume: skipping checkpoint-200, incomplete ({why}); removed", "resume: from checkpoint-100"]
@@ -213,41 +214,42 @@ def test_a_symlink_out_of_the_runs_root_is_refused(tmp_path):
     assert inside(tmp_path / "runs" / "x" / "y", tmp_path / "runs") == (tmp_path / "runs" / "x" / "y").resolve()
 
 def test_clear_run_dir_keeps_its_lock_and_refuses_other_folders(tmp_path):
-    d = tmp_path / "runs" / "s" / "e"; (d / "checkpoint-5").mkdir(parents=True); (d / "results.json").write_text("{}")
-    (tmp_path / "outside.txt").write_text("x"); (d / "link").symlink_to(tmp_path / "outside.txt")
-    with run_lock(d): clear_run_dir(d, tmp_path / "runs")
-    assert [p.name for p in d.iterdir()] == [".lock"] and (tmp_path / "outside.txt").exists()
+    rd = run_dir("s", "e", tmp_path / "runs"); (rd / "checkpoint-5").mkdir(parents=True); (rd / "results.json").write_text("{}")
+    (tmp_path / "outside.txt").write_text("x"); (rd / "link").symlink_to(tmp_path / "outside.txt")
+    with rd.lock(): rd.clear()
+    assert [p.name for p in rd.path.iterdir()] == [".lock"] and (tmp_path / "outside.txt").exists()
     home = tmp_path / "home"; home.mkdir(); (home / "thesis.tex").write_text("x")
-    with pytest.raises(ValueError, match="does not look like a run directory"): clear_run_dir(home)
-    with pytest.raises(ValueError, match="outside the runs root"): clear_run_dir(home, tmp_path / "runs")
+    with pytest.raises(ValueError, match="does not look like a run directory"): RunDir(home).clear()
+    with pytest.raises(ValueError, match="outside the runs root"): inside(home, tmp_path / "runs")   # what run_dir checks
     assert (home / "thesis.tex").exists()
 
 def test_config_hash_is_stored_and_a_change_is_an_error(tmp_path):
-    d = tmp_path / "r"
-    cfg = get_experiment("w8a8").to_dict()
-    check_config(d, cfg)
-    stored = json.loads((d / "run_config.json").read_text())
-    assert stored["hash"] == runner.config_hash(cfg) and len(stored["hash"]) == 16
-    check_config(d, json.loads(json.dumps(cfg)))    # the same config through JSON (tuples -> lists): the same hash
+    rd = RunDir(tmp_path / "r")
+    exp = get_experiment("w8a8")
+    record_run(rd, exp, "t", "smoke", {})
+    stored = rd.read_run()
+    assert stored["hash"] == config_hash(exp.to_dict()) and len(stored["hash"]) == 16
+    assert stored["config"] == json.loads(json.dumps(exp.to_dict())) and stored["study"] == "t" and stored["experiment"] == "w8a8"
+    assert config_hash(json.loads(json.dumps(exp.to_dict()))) == stored["hash"]   # through JSON (tuples -> lists): the same hash
     with pytest.raises(ValueError, match=r"another configuration \(train.lr: 0.002 -> 0.05\).*--force"):
-        check_config(d, get_experiment("w8a8", lr=0.05).to_dict())
-    check_config(d, get_experiment("w8a8", lr=0.05).to_dict(), force=True)
-    assert json.loads((d / "run_config.json").read_text())["config"]["train"]["lr"] == 0.05
+        record_run(rd, get_experiment("w8a8", lr=0.05), "t", "smoke", {"lr": 0.05})
+    assert rd.read_run() == stored                  # refused: nothing rewritten
+    record_run(rd, get_experiment("w8a8", lr=0.05), "t", "smoke", {"lr": 0.05}, force=True)
+    assert rd.read_run()["config"]["train"]["lr"] == 0.05 and rd.read_run()["overrides"] == {"lr": 0.05}
 
-def _finished(root, study, name, **overrides) -> dict:
-    "A finished run directory as an older runner left it: results.json with its config, no run_config.json."
+def _finished(root, study, name, **overrides) -> Results:
+    "A finished run directory as an older runner left it: results.json with its config, no run.json; its `Results`, as read back."
     exp = get_experiment(name, **overrides)
-    r = dict(schema=1, study=study, experiment=name, status="complete", step=6, reason=None,
-             config=dict(**exp.to_dict(), overrides=overrides), curves=dict(train=[], val=[]), metrics={}, analysis={}, timings={})
-    d = root / study / name; d.mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps(r))
-    return json.loads(json.dumps(r))
+    rd = RunDir(root / study / name)
+    rd.write_results(Results(study=study, experiment=name, status="complete", step=6, config=dict(**exp.to_dict(), overrides=overrides)))
+    return rd.results()
 
 @needs_data
 def test_a_finished_run_asked_with_another_config_is_an_error(tmp_path):
     r = _finished(tmp_path, "t", "w8a8", max_steps=6)
     assert run_experiment("w8a8", "t", overrides={"max_steps": 6}, runs_root=tmp_path) == r   # same config: the old result
-    assert (tmp_path / "t" / "w8a8" / "run_config.json").exists()                             # now recorded
+    run = RunDir(tmp_path / "t" / "w8a8").read_run()                                            # now recorded
+    assert run["config"] == {k: v for k, v in r.config.items() if k != "overrides"} and run["overrides"] == {"max_steps": 6}
     with pytest.raises(ValueError, match=r"train.lr: 0.002 -> 0.05"):
         run_experiment("w8a8", "t", overrides={"max_steps": 6, "lr": 0.05}, runs_root=tmp_path)
     with pytest.raises(ValueError, match=r"train.max_steps: 6 -> 300"): run_experiment("w8a8", "t", runs_root=tmp_path)
@@ -264,9 +266,9 @@ def test_one_writer_per_run_directory(tmp_path):
         with pytest.raises(RunInUse, match=r"in use by pid 4242 on elsewhere: one writer per run directory"):
             run_experiment("w8a8", "t", runs_root=tmp_path)
         with pytest.raises(RunInUse): run_experiment("w8a8", "t", runs_root=tmp_path, force=True)
-        assert read_results(d)["status"] == "complete"                     # nothing cleared under the other writer
+        assert RunDir(d).results().status == "complete"                    # nothing cleared under the other writer
     finally: p.kill(); p.wait()
-    assert run_experiment("w8a8", "t", runs_root=tmp_path)["status"] == "complete"   # the lock died with its process
+    assert run_experiment("w8a8", "t", runs_root=tmp_path).status == "complete"   # the lock died with its process
 
 @needs_data
 @pytest.mark.parametrize("text", ["{\"status\": \"compl", "", "[1, 2]"])
@@ -276,18 +278,20 @@ def test_a_corrupt_results_json_is_named(tmp_path, text):
         run_experiment("w8a8", "t", runs_root=tmp_path)
 
 def test_git_is_silent_outside_a_checkout(tmp_path, capfd):
-    assert runner.git_commit(tmp_path) is None
+    assert git_commit(tmp_path) is None
     assert "fatal" not in capfd.readouterr().err
 
 # ---- the template is executed with its output streamed, under the lock, with the configuration recorded
 
 FAKE_TEMPLATE = {"cells": [
-    {"cell_type": "code", "id": "p", "metadata": {"tags": ["parameters"]}, "execution_count": None, "outputs": [], "source":
-     "experiment = study = preset = overrides = evals = analyses = out_dir = None\nseed = nproc = 0\nforce = False"},
+    {"cell_type": "code", "id": "p", "metadata": {"tags": ["parameters"]}, "execution_count": None, "outputs": [], "source": "run_json = None"},
     {"cell_type": "code", "id": "b", "metadata": {}, "execution_count": None, "outputs": [], "source":
-     "import json, pathlib, sys\nprint('training step 1 of 2', flush=True); print('to stderr', file=sys.stderr, flush=True)\n"
-     "assert (pathlib.Path(out_dir) / '.lock').exists() and (pathlib.Path(out_dir) / 'run_config.json').exists()\n"
-     "pathlib.Path(out_dir, 'results.json').write_text(json.dumps(dict(experiment=experiment, status='complete', step=2, force=force)))"}],
+     "import pathlib, sys\nfrom quantstudy.rundir import Results, RunDir\n"
+     "print('training step 1 of 2', flush=True); print('to stderr', file=sys.stderr, flush=True)\n"
+     "rd = RunDir(pathlib.Path(run_json).parent); run = rd.read_run()\n"
+     "assert (rd / '.lock').exists() and not (rd / 'checkpoint-3').exists()   # under the lock, cleared before it runs\n"
+     "rd.write_results(Results(study=run['study'], experiment=run['experiment'], status='complete', step=2, "
+     "config=dict(lr=run['config']['train']['lr'])))"}],
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}, "nbformat": 4, "nbformat_minor": 5}
 
 @needs_data
@@ -295,10 +299,10 @@ def test_run_streams_progress_and_force_clears_under_the_lock(tmp_path, capfd):
     tpl = tmp_path / "fake.ipynb"; tpl.write_text(json.dumps(FAKE_TEMPLATE))
     root = tmp_path / "runs"
     d = root / "t" / "w8a8"; (d / "checkpoint-3").mkdir(parents=True)
-    check_config(d, get_experiment("w8a8", lr=0.05).to_dict())   # a run of another configuration is there
+    record_run(RunDir(d), get_experiment("w8a8", lr=0.05), "t", "smoke", {"lr": 0.05})   # a run of another configuration is there
     r = run_experiment("w8a8", "t", runs_root=root, template=tpl, progress=True, force=True)
-    assert r == dict(experiment="w8a8", status="complete", step=2, force=False)   # the runner cleared it, not the template
-    assert not (d / "checkpoint-3").exists() and json.loads((d / "run_config.json").read_text())["config"]["train"]["lr"] == 0.002
+    assert r == Results(study="t", experiment="w8a8", status="complete", step=2, config=dict(lr=0.002))   # the new run.json, seen by the kernel
+    assert not (d / "checkpoint-3").exists() and RunDir(d).read_run()["config"]["train"]["lr"] == 0.002
     out = capfd.readouterr()
     assert "training step 1 of 2" in out.out and "to stderr" in out.err
 
