@@ -40,6 +40,7 @@ def _positive(s: str) -> int:
     if v < 1: raise argparse.ArgumentTypeError(f"{s!r} is not an int >= 1")
     return v
 
+# %% ../nbs/11_cli.ipynb #ac087c08
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("quantstudy", description="Quantized pre-training of GPT-2: experiments, sweeps and reports.",
                                 epilog="Bad input fails before anything runs, with one line on stderr and exit status 2; "
@@ -85,7 +86,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="figures", metavar="DIR", help="the scorecard goes to DIR/<study> (default: figures)")
     return p
 
-
 # %% ../nbs/11_cli.ipynb #d07c11be
 def _list(study):
     from quantstudy.experiments import STUDIES, experiment_names, get_experiment, study_experiments
@@ -113,6 +113,7 @@ def _failures(results: dict, runs_root, study) -> int:
         print(f"quantstudy: {n} failed: {r.reason} (see {Path(runs_root) / study / n / 'results.json'})", file=sys.stderr)
     return 1 if failed else 0
 
+# %% ../nbs/11_cli.ipynb #a465317a
 def _run(args):
     from quantstudy import runner
     overrides = parse_overrides(args.override)

@@ -125,6 +125,7 @@ def hub_rows(name: str, docs) -> list[str]:
     row = _HUB_ROW.get(name)
     return list(docs) if row is None else [row(d) for d in docs]
 
+# %% ../nbs/04_data.ipynb #c0a07fd7
 _WT2 = {"train": ("wikitext-2/wiki.train.raw",), "validation": ("wikitext-2/wiki.valid.raw",),
         "test": ("wikitext-2/wiki.test.raw",)}
 _TOKENS = lambda d: {s: (f"{d}/wiki.{s.replace('validation', 'valid')}.tokens",) for s in SPLITS}
@@ -193,6 +194,7 @@ def check_corpus(name, split, data_dir=None) -> list[Path] | None:
     "The local files (None: the hub) split `split` of corpus `name` is read from; fails at once, in one line, if it cannot be."
     return _resolve(name, split, data_dir)[2]
 
+# %% ../nbs/04_data.ipynb #770cbace
 def _resolve(name, split, data_dir=None) -> tuple[Corpus, str, list[Path] | None]:
     "The corpus, canonical split and local files (None: the hub) behind `name`/`split`; fails at once if missing."
     c = CORPORA.get(name) if isinstance(name, str) else None
@@ -297,6 +299,7 @@ def _head(ds: datasets.Dataset, chars: int) -> datasets.Dataset:
             if total >= chars: return ds.select(range(n))
     return ds
 
+# %% ../nbs/04_data.ipynb #019236dd
 def _write(path: Path, toks: datasets.Dataset, max_tokens: int | None, meta: dict):
     "Write the ids of `toks` to `path` as one flat uint16 array: to a temporary file, then `os.replace`."
     import pyarrow.compute as pc
@@ -339,6 +342,7 @@ def _joined(ds: datasets.Dataset, name: str, join: str, tokenizer, max_tokens: i
         chars *= 4
     return datasets.Dataset.from_dict({"ids": [ids], "len": [len(ids)]})
 
+# %% ../nbs/04_data.ipynb #5cc99378
 def tokenize_corpus(name: str | Path, split: str = "train", tokenizer=None, data_dir: str | Path | None = None,
                     cache_dir: str | Path | None = None, eos: bool = False, max_tokens: int | None = None,
                     num_proc: int | None = None, join: str | None = None, heldout: float | None = None,

@@ -141,6 +141,7 @@ def experiment_names() -> list[str]:
     "Every experiment name: the pre-training grid, the PTQ rows, then the released checkpoints (Table 1)."
     return list(EXPERIMENTS)
 
+# %% ../nbs/08_experiments.ipynb #a7255a3a
 def get_experiment(name: str, preset_name: str = "smoke", evals: dict | None = None, analyses=None, **overrides) -> Experiment:
     "The experiment `name` under the `paper` or `smoke` preset; `evals` replace the preset's by key, `overrides` `TrainConfig` fields."
     if name not in EXPERIMENTS: raise ValueError(f"unknown experiment {name!r}: use one of {', '.join(experiment_names())}")

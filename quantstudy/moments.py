@@ -96,6 +96,7 @@ def _pack(idx: torch.Tensor, bits: int) -> torch.Tensor:
     out[..., :n // 2] |= idx[..., 1::2] << 4
     return out
 
+# %% ../nbs/03a_moments.ipynb #538b2d27
 def _unpack(codes: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     "Inverse of `_pack`: the first `n` codes [k, n] as int64 (indices into the code table)."
     if bits == 8: return codes.long()
@@ -107,6 +108,7 @@ def _unpack(codes: torch.Tensor, n: int, bits: int) -> torch.Tensor:
 # %% ../nbs/03a_moments.ipynb #79aeadfb
 _NAME = re.compile(r"^(\d+)-(tensor|channel|block(\d+)|rank1)(?:-([a-z]+))?$")
 
+# %% ../nbs/03a_moments.ipynb #2481e93e
 @dataclass(frozen=True)
 class MomentScheme:
     "A moment stored as `bits`-bit codes of `map` (linear, unsigned, nozero, dynamic, udynamic) times a scale per `norm` group."

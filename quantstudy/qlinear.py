@@ -28,6 +28,7 @@ GRAD_PLACEMENTS = {   # where the quantized output gradient Q_g(G) is used, by n
     "both": dict(grad_weight=True, grad_input=True)}      # both backward products
 _ROLES = {"weight": "weight", "act": "act", "grad": "grad"}  # field -> role of the tensor it quantizes
 
+# %% ../nbs/01_qlinear.ipynb #60757ba9
 @dataclass(frozen=True)
 class LinearQuant:
     "Quantizers of a linear layer's weight, input activation and output gradient (`QuantSpec`, its name, or None)."
@@ -224,6 +225,7 @@ class QuantLinear(nn.Module):
         m.weight, m.bias = self.weight, self.bias
         return m
 
+# %% ../nbs/01_qlinear.ipynb #27cf2d0f
 class QuantConv1D(QuantLinear):
     "`QuantLinear` over HF `Conv1D`'s transposed weight `[in, out]` (GPT-2's attention and MLP layers)."
     def _weight_shape(self): return (self.in_features, self.out_features)
@@ -290,6 +292,7 @@ def quantize_model(model: nn.Module, quant, modules=None) -> list[str]:
         elif isinstance(m, QuantLinear): _swap(model, name, m.to_plain())
     return [n for n in linear_modules(model) if n in selected]
 
+# %% ../nbs/01_qlinear.ipynb #be8d522c
 def quantized_modules(model: nn.Module) -> dict[str, LinearQuant]:
     "The `LinearQuant` of each `QuantLinear` in `model`, by name."
     return {n: m.quant for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -362,6 +365,7 @@ def _pad_operands(a, b, sa, sb, bias):
     if bias is not None: bias = _pad_to(bias.view(1, -1), 1, np_).view(-1)
     return a, b, sa, sb, bias
 
+# %% ../nbs/01_qlinear.ipynb #df60c982
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor | None = None,
                 dtype: torch.dtype = torch.float32, pad: bool | None = None) -> torch.Tensor:
     "`(sa * A) @ (sb * B) + bias` from int8 codes `a` [m, k], `b` [k, n] and fp32 scales `sa` [m, 1] or [1, 1], `sb` [1, n] or [1, 1]."

@@ -124,6 +124,7 @@ _AXES = {  # role -> granularity -> axis of the 2-D tensor that keeps its own sc
 }
 FLOORS = {"weight": 1e-5, "act": 1e-5, "grad": 1e-9, "moment": 1e-8}   # the authors' `minimum_range` of each role
 
+# %% ../nbs/00_quantizers.ipynb #ff56fa19
 @dataclass(frozen=True)
 class QuantSpec:
     "How one tensor is quantized: `bits` (2-16), `granularity` (tensor, channel, token), `symmetric`, the range `floor` (None: the role's)."

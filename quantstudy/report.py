@@ -116,6 +116,7 @@ def table_rows(layout: TableLayout, results: dict) -> tuple[list[list[str]], lis
     notes += [f"`-` {col}, {', '.join(f'`{n}`' for n in names)}: {why}" for (col, why), names in skipped.items()]
     return rows, notes
 
+# %% ../nbs/10_report.ipynb #30b78450
 def paper_cells(layout: TableLayout, name: str) -> list[str]:
     "The published cells of row `name` (`n/a`: the paper has no such row; `-`: the paper's own dash)."
     row = PAPER[layout.number].get(name)
@@ -175,6 +176,7 @@ def _values(results: dict, get) -> list:
         if v is not None and v not in out: out.append(v)
     return out
 
+# %% ../nbs/10_report.ipynb #5ca77445
 def protocol_notes(results: dict, kind: str) -> list[str]:
     "Footnotes that state how the numbers were measured: the texts, the seeds and their spread, the split, the floors, which moments."
     notes = []
@@ -315,6 +317,7 @@ def render_table1(results: dict, study: str) -> tuple[str, str]:
     md += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in notes)
     return md, _csv(csv_header, csv_rows)
 
+# %% ../nbs/10_report.ipynb #5d057870
 def plot_analyses(results: dict, out_dir, study: str = "") -> list[Path]:
     "The cross-run analysis figures (Figs. 5, 6, 8 right, 10 bottom, 12 right) from the runs' `results.json` analysis data."
     from quantstudy.analysis import ANALYSES   # torch and transformers: imported only to draw
@@ -377,6 +380,7 @@ def _show(v) -> str:
     if isinstance(v, tuple): return "(" + ", ".join(_show(x) for x in v) + ")"
     return json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
 
+# %% ../nbs/10_report.ipynb #38795a2c
 def _by_value(results: dict, get) -> dict[str, list[str]]:
     "Value (as text) -> experiments that used it."
     out = {}

@@ -93,6 +93,7 @@ def check_inputs(exp: Experiment, data_dir=None):
         unknown = [k for k in tasks if k not in TASK_FILES and k not in NO_LOCAL_DATA]
         if unknown: raise ValueError(f"downstream tasks {unknown} have no offline config: use some of {[*TASK_FILES, *NO_LOCAL_DATA]}")
 
+# %% ../nbs/09_runner.ipynb #95e34c87
 def run_experiment(name: str, study: str = "smoke", preset_name: str | None = None, overrides: dict | None = None,
                    runs_root="papermill_runs", nproc: int = 1, seed: int = 0, force: bool = False,
                    evals: dict | None = None, analyses: list | None = None, template=None, log_output: bool = False,
@@ -130,6 +131,7 @@ def _execute(rd: RunDir, runs_root, nb_out, template, log_output, progress) -> R
         if nb_out.exists(): _relative_paths(nb_out, template)
     return rd.results()
 
+# %% ../nbs/09_runner.ipynb #31105306
 def _record_failure(rd: RunDir, reason: str, seconds: float | None = None) -> Results:
     "Write (and return) the `failed` results of the run in `rd`: what its run.json says, the reason, the time it took."
     from quantstudy.pipeline import start_results
@@ -185,6 +187,7 @@ def sweep(study: str, executor: str = "local", jobs: int = 1, preset_name: str |
     if not quiet: print(summary_table(results))
     return results
 
+# %% ../nbs/09_runner.ipynb #6197b1a4
 def _failed_to_start(name, kw, e) -> Results:
     "The `failed` results of an experiment that could not even start (written, unless another process holds its run)."
     if isinstance(e, RunInUse): return Results(study=kw["study"], experiment=name, reason=f"{type(e).__name__}: {e}")   # not ours

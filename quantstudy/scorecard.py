@@ -63,6 +63,7 @@ class Outcome:
         gap = "" if self.rel is None else f" ({100 * self.rel:+.2f}%)"
         return f"`{self.name}` {self.loss:.3f}{gap}"
 
+# %% ../nbs/12_scorecard.ipynb #55d76890
 def outcome(results: dict, name: str) -> Outcome:
     "How run `name` ended, against the study's baseline."
     r = results.get(name)
@@ -128,6 +129,7 @@ def better(a, b, margin="clearly"):
         return ("reproduced" if oa.loss < ob.loss * (1 - TOLERANCES[margin]) else "not reproduced"), nums + f"; ratio {oa.loss / ob.loss:.4f}"
     return check, f"final val loss of `{a}` below `{b}`'s by more than {TOLERANCES[margin]:.1%} (or `{b}` alone diverges)"
 
+# %% ../nbs/12_scorecard.ipynb #3922b17c
 def explodes_early(name):
     "The run diverges within the first `early` share of its steps."
     def check(results):
@@ -169,6 +171,7 @@ def _analysis(results, name, key):
     r = results.get(name)
     return ((r.analysis.get(key) if r else None) or {}).get("data")
 
+# %% ../nbs/12_scorecard.ipynb #96a819d8
 def sharper(*names):
     "m-sharpness (mean over rho) of each 4-bit weight run above the baseline's (Fig. 5)."
     def check(results):
@@ -208,6 +211,7 @@ def activations_dominate():
                                                              + ", ".join(f"{k} {mib(v)}" for k, v in others.items()))
     return check, "baseline, largest batch of the memory sweep: saved activations above parameters, gradients and optimizer state each"
 
+# %% ../nbs/12_scorecard.ipynb #734f63ae
 def fixed_v(*names):
     "The new claim: each fixed v scheme ends within `fixed_v` of the baseline (where the paper's v8 runs diverge)."
     def check(results):
@@ -234,6 +238,7 @@ class Claim:
         assert verdict in VERDICTS, verdict
         return dict(key=self.key, claim=self.text, where=self.where, test=words, numbers=numbers, verdict=verdict)
 
+# %% ../nbs/12_scorecard.ipynb #1c797baf
 _SHORT = "300 steps of a 4-layer, 128-wide model: the paper's divergences build up over 300k steps of GPT-2 124M"
 CLAIMS = (
     Claim("w8", "8-bit weights (per tensor, per channel) train about as well as the baseline", "sec. 4.1, Fig. 4", about_baseline("w8-tensor", "w8-channel")),
@@ -275,6 +280,7 @@ def scorecard(results: dict) -> list[dict]:
     "One row per claim of `CLAIMS`, judged on `results` (experiment name -> results.json dict)."
     return [c.judge(results) for c in CLAIMS]
 
+# %% ../nbs/12_scorecard.ipynb #8d0b65f3
 def render_scorecard(study: str, results: dict) -> str:
     "Markdown scorecard: the tolerances, then one row per claim with its test, the numbers and the verdict."
     rows = scorecard(results)
