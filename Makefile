@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data),)
 export QUANTSTUDY_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: venv test check-sync nbtest pytest numerics smoke smoke-reference gpu-check gpu-check-tiny clean
+.PHONY: venv test check-sync nbtest pytest numerics outputs smoke smoke-reference gpu-check gpu-check-tiny clean
 
 $(VENV)/.installed: setup.py settings.ini
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -64,6 +64,12 @@ numerics: venv
 	$(call ISA,avx2) $(NBTEST) --n_workers 1 --file_re '^($(NUMERICS_NBS))'
 	$(call ISA,default) $(BIN)/pytest -q -m numerics $(FAST_NUMERICS)
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m numerics $(FAST_NUMERICS)   # this CPU's own kernels, 1 thread
+
+## outputs: execute every notebook (all but its slow and gpu cells, as nbdev_test does) and save its outputs, so that
+## the committed notebooks show their figures and values; then clean them as check-sync does
+outputs: venv
+	OMP_NUM_THREADS=2 $(PY) tools/run_notebooks.py nbs/*.ipynb
+	$(BIN)/nbdev_clean
 
 # two runs at once, one thread each: the smoke runs are sized for 2 cores (the reference was made the same way)
 SMOKE := OMP_NUM_THREADS=1 $(BIN)/quantstudy study smoke --jobs 2

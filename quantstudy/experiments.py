@@ -13,8 +13,7 @@ from .qlinear import GRAD_PLACEMENTS, LinearQuant
 from .optim import OptimQuant
 from .model import Recipe
 from .config import TrainConfig, preset
-from .analysis.linear_time import PAPER_LINEAR_TIME
-from .analysis.memory import PAPER_MEMORY
+
 
 # %% auto #0
 __all__ = ['PAPER_ROWS', 'PTQ_ROWS', 'PRETRAINED_ROWS', 'ANALYSIS_SETTINGS', 'SNAPSHOT_EVERY', 'EVALS', 'EVAL_FIELDS',
@@ -100,7 +99,7 @@ PRETRAINED_ROWS = (Experiment(name="gpt2-openai", pretrained="gpt2"),)
 # Figs. 2, 3, 14, 15 measure GPT-2 small to XL at the paper's lengths and batch sizes (seconds each on a GPU);
 # the smoke preset profiles the run's own tiny model
 # Fig. 10 looks at the gradients "early on in training": the first snapshot or checkpoint
-ANALYSIS_SETTINGS = {"paper": dict(memory=dict(PAPER_MEMORY), linear_time=dict(PAPER_LINEAR_TIME), gradients=dict(checkpoint="first")),
+ANALYSIS_SETTINGS = {"paper": {a.analysis: dict(a.settings) for a in paper.ANALYSIS_FIGURES if a.settings},
                      "smoke": dict(gradients=dict(checkpoint="first"))}
 SNAPSHOT_EVERY = {"paper": 15_000, "smoke": 100}   # the authors kept a checkpoint every 15k steps; for Figs. 6 and 10
 EVALS = {

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00b_paper.ipynb #6e6e6415
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # %% auto #0
 __all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'TABLE1_COLUMNS', 'PPL_CORPORA', 'TASKS', 'SEEDS', 'NUM_FEWSHOT', 'GRANULARITY',
@@ -115,19 +115,23 @@ FIGURES = (
 # %% ../nbs/00b_paper.ipynb #933cfe35
 @dataclass(frozen=True)
 class AnalysisLayout:
-    "An analysis figure: the `analysis` (a key of `analysis.ANALYSES`), its `figure` label, cross-run `file` and the `runs` it measures."
+    "An analysis figure: the `analysis` (a key of `analysis.ANALYSES`), its `figure` label, cross-run `file`, the `runs` it measures and the paper's `settings`."
     analysis: str
     figure: str
     file: str | None
     runs: tuple
+    settings: dict = field(default_factory=dict)
 
 ANALYSIS_FIGURES = (
-    AnalysisLayout("memory", "Figs. 2, 14, 15", None, ("baseline",)),
-    AnalysisLayout("linear_time", "Fig. 3", None, ("baseline",)),
+    AnalysisLayout("memory", "Figs. 2, 14, 15", None, ("baseline",),   # GPT-2 small to large, 1024 tokens (needs a GPU)
+                   dict(models=["small", "medium", "large"], batch_sizes=(1, 2, 4, 8, 16), seq_len=1024, seq_lens=(128, 256, 512, 1024), batch_size=4)),
+    AnalysisLayout("linear_time", "Fig. 3", None, ("baseline",),
+                   dict(sizes=["small", "medium", "large", "xl"], seq_lens=(128, 256, 512, 1024, 2048), batch_size=8)),
     AnalysisLayout("sharpness", "Fig. 5", "fig05_sharpness.png", ("baseline", *_W)),
     AnalysisLayout("activations", "Fig. 6", "fig06_activations.png", ("baseline", "a4-token", "a4-channel")),
     AnalysisLayout("outliers", "Fig. 8, right", "fig08_right_outliers.png", ("baseline", "a4-channel")),
-    AnalysisLayout("gradients", "Fig. 10, bottom", "fig10_bottom_gradients.png", ("g8-token", "g8-token-input")),
+    AnalysisLayout("gradients", "Fig. 10, bottom", "fig10_bottom_gradients.png", ("g8-token", "g8-token-input"),
+                   dict(checkpoint="first")),   # "early on in training": the first snapshot or checkpoint
     AnalysisLayout("second_moment", "Fig. 12, right", "fig12_right_second_moment.png", ("baseline", "v8-tensor", "v8-channel")),
 )
 

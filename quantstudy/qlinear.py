@@ -276,14 +276,11 @@ def _swap(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
-def quantize_model(model: nn.Module, quant, modules=None) -> list[str]:
-    "Swap `QuantLinear`s with `quant` into `model` in place at `modules`; returns the swapped names."
-    if hasattr(quant, "linear"):  # a Recipe: its linear quantizer and module selection
-        if modules is None: modules = getattr(quant, "modules", None)
-        quant = quant.linear
+def quantize_model(model: nn.Module, quant: LinearQuant | dict | None, modules=None) -> list[str]:
+    "Swap `QuantLinear`s with `quant` into `model` in place at `modules` (default: every linear layer); returns the swapped names."
     if isinstance(quant, dict): quant = LinearQuant.from_dict(quant)
     if quant is not None and not isinstance(quant, LinearQuant):
-        raise TypeError(f"quant must be a LinearQuant, a dict, a Recipe or None, got {type(quant).__name__}")
+        raise TypeError(f"quant must be a LinearQuant, its dict or None, got {type(quant).__name__} (a Recipe: pass recipe.linear, recipe.modules)")
     selected = set() if quant is None else set(select_modules(model, "all-linear" if modules is None else modules))
     for name, m in linear_modules(model).items():
         if name in selected:

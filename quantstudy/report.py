@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib import ticker
 from .paper import (ANALYSIS_FIGURES, CITE, FIGURES, PAPER, PPL_COLUMNS, TABLE1_COLUMNS, TABLES, TASK_COLUMNS,
                               FigureLayout, TableLayout, curve_label, row_label)
-from .rundir import Results, RunDir, Status
+from .rundir import Results, RunDir, Status, write_text
 
 # %% auto #0
 __all__ = ['DPI', 'AUTHORS_DEFAULTS', 'SETTINGS', 'curve_style', 'load_results', 'run_state', 'val_curve', 'evaluated',
@@ -444,8 +444,8 @@ def report(study: str, runs_root="papermill_runs", out_root="figures") -> list[P
     for t in TABLES:
         md, text = render_table1(results, study) if t.kind == "table1" else render_table(t, results, study)
         for ext, body in (("md", md), ("csv", text)):
-            (out / f"{t.stem}.{ext}").write_text(body, encoding="utf-8")
+            write_text(out / f"{t.stem}.{ext}", body)
             paths.append(out / f"{t.stem}.{ext}")
-    (out / "summary.md").write_text(render_summary(study, results), encoding="utf-8")
+    write_text(out / "summary.md", render_summary(study, results))
     from quantstudy.scorecard import write_scorecard   # here, not at the top: the scorecard reads results with this module
     return paths + [out / "summary.md", write_scorecard(study, runs_root, out_root)]

@@ -20,18 +20,21 @@ except ImportError:   # the GPU image has no fastcore, and the trainer imports t
         return f
 
 # %% auto #0
-__all__ = ['SCHEMA', 'FINISHED', 'CHECKPOINT_JSON', 'CHECKPOINT_TORCH', 'write_json', 'read_json', 'Status', 'Results',
-           'RunInUse', 'RunDir', 'config_hash', 'checkpoint_problem']
+__all__ = ['SCHEMA', 'FINISHED', 'CHECKPOINT_JSON', 'CHECKPOINT_TORCH', 'write_text', 'write_json', 'read_json', 'Status',
+           'Results', 'RunInUse', 'RunDir', 'config_hash', 'checkpoint_problem']
 
 # %% ../nbs/04a_rundir.ipynb #306d8d49
-def write_json(path, obj) -> Path:
-    "Write `obj` as JSON to `path` atomically (a temp file, then a rename): readers never see half a file."
+def write_text(path, text: str) -> Path:
+    "Write `text` to `path` atomically (a temp file beside it, then a rename): readers never see half a file."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=1, default=float)   # an unserializable value fails here, before any file is touched
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try: tmp.write_text(text); os.replace(tmp, path)
+    try: tmp.write_text(text, encoding="utf-8"); os.replace(tmp, path)
     except BaseException: tmp.unlink(missing_ok=True); raise   # a full disk or a failed rename leaves no temp file behind
     return path
+
+def write_json(path, obj) -> Path:
+    "Write `obj` as JSON to `path` atomically."
+    return write_text(path, json.dumps(obj, indent=1, default=float))   # an unserializable value fails before any file is touched
 
 def read_json(path, what: str = "") -> dict | None:
     "The JSON object in `path`, None if there is no such file; a damaged one fails in one line naming it."

@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-import math, os, statistics, tempfile
+import math, statistics
 from .report import load_results, val_curve
+from .rundir import Results, write_text
 
 # %% auto #0
 __all__ = ['TOLERANCES', 'VERDICTS', 'CLAIMS', 'final_loss', 'log_ppl', 'Outcome', 'outcome', 'about_baseline', 'diverge',
@@ -28,12 +29,12 @@ TOLERANCES = {   # declared before any result is read; every verdict below uses 
 VERDICTS = ("reproduced", "not reproduced", "not run")
 
 # %% ../nbs/12_scorecard.ipynb #05055162
-def final_loss(r: dict | None) -> float | None:
+def final_loss(r: Results | None) -> float | None:
     "The last finite validation loss of a run, or None."
     _, losses = val_curve(r)
     return losses[-1] if losses else None
 
-def log_ppl(r: dict | None) -> float | None:
+def log_ppl(r: Results | None) -> float | None:
     "Mean log-perplexity over the corpora a run evaluated (what a PTQ run has instead of a curve), or None."
     ppl = (r.metrics.get("perplexity") if r else None) or {}
     vals = [math.log(v) for v in ppl.values() if isinstance(v, (int, float)) and v > 0 and math.isfinite(v)]
@@ -277,7 +278,7 @@ CLAIMS = (
 )
 
 def scorecard(results: dict) -> list[dict]:
-    "One row per claim of `CLAIMS`, judged on `results` (experiment name -> results.json dict)."
+    "One row per claim of `CLAIMS`, judged on `results` (experiment name -> `Results`)."
     return [c.judge(results) for c in CLAIMS]
 
 # %% ../nbs/12_scorecard.ipynb #8d0b65f3
@@ -301,16 +302,10 @@ def render_scorecard(study: str, results: dict) -> str:
         md += [f"- {i} ({c.key}): {c.small_scale}." for i, c in small]
     return "\n".join(md) + "\n"
 
-def _write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
-    os.replace(tmp, path)
-
 def write_scorecard(study: str, runs_root="papermill_runs", out_root="figures") -> Path:
     "Judge the `results.json` files of `runs_root/study` and write `out_root/study/scorecard.md` (atomically); return its path."
     src = Path(runs_root) / study
     if not src.is_dir(): raise FileNotFoundError(f"no results directory {src} for study {study!r}")
     path = Path(out_root) / study / "scorecard.md"
-    _write_atomic(path, render_scorecard(study, load_results(src)))
+    write_text(path, render_scorecard(study, load_results(src)))
     return path

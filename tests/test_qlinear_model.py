@@ -184,7 +184,7 @@ def step_outputs(model, ids, seed=0):
 def test_noop_patched_model_is_exactly_the_model(ids, train):
     ref = build_model("tiny", seed=0).train(train)
     model = copy.deepcopy(ref)
-    names = quantize_model(model, Recipe(linear=LinearQuant()))
+    names = quantize_model(model, LinearQuant())
     assert len(names) == 9 and all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
     (l0, g0), (l1, g1) = step_outputs(ref, ids), step_outputs(model, ids)
     assert torch.equal(l0, l1) and g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
@@ -294,3 +294,9 @@ def test_cuda_bf16_autocast_training_step(ids):
         lq, gq = step_outputs(model, ids)
     assert lq.dtype == torch.bfloat16 and all(torch.isfinite(g).all() and g.dtype == torch.float32 for g in gq.values())
     assert ((lq.float() - l0.float()).norm() / l0.float().norm()) < 0.05
+
+def test_quantize_model_takes_a_linear_quant_not_a_recipe():
+    "One type per argument: a Recipe is refused, naming what to pass instead."
+    model = build_model("tiny", seed=0)
+    with pytest.raises(TypeError, match=r"got Recipe \(a Recipe: pass recipe.linear, recipe.modules\)"):
+        quantize_model(model, Recipe(linear=LinearQuant()))

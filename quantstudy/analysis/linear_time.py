@@ -13,11 +13,10 @@ from ..model import gpt2_config
 from .runs import _jsonable, _label, _runs, _subplots, run_config
 
 # %% auto #0
-__all__ = ['LINEAR_OPS', 'PAPER_LINEAR_TIME', 'linear_share', 'block_time_share', 'linear_time', 'plot_linear_time']
+__all__ = ['LINEAR_OPS', 'linear_share', 'block_time_share', 'linear_time', 'plot_linear_time']
 
 # %% ../../nbs/07c_linear_time.ipynb #b0d4830f
 LINEAR_OPS = ("aten::mm", "aten::addmm")
-PAPER_LINEAR_TIME = dict(sizes=["small", "medium", "large", "xl"], seq_lens=(128, 256, 512, 1024, 2048), batch_size=8)
 
 def _block_out(out): return out[0] if isinstance(out, tuple) else out
 

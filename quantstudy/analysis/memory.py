@@ -16,7 +16,7 @@ from ..optim import make_optimizer
 from .runs import _jsonable, _label, _runs, _subplots, run_config, run_recipe
 
 # %% auto #0
-__all__ = ['MEMORY_CATEGORIES', 'PAPER_MEMORY', 'profile_step_memory', 'memory', 'plot_memory']
+__all__ = ['MEMORY_CATEGORIES', 'profile_step_memory', 'memory', 'plot_memory']
 
 # %% ../../nbs/07b_memory.ipynb #0f471fd6
 MEMORY_CATEGORIES = ("parameters", "optimizer_state", "gradients", "activations", "autograd_detail", "inputs",
@@ -83,9 +83,6 @@ def profile_step_memory(model, opt, x: torch.Tensor, autocast=None) -> dict:
     return out
 
 # %% ../../nbs/07b_memory.ipynb #fa45cb04
-PAPER_MEMORY = dict(models=["small", "medium", "large"], batch_sizes=(1, 2, 4, 8, 16), seq_len=1024,
-                    seq_lens=(128, 256, 512, 1024), batch_size=4)   # Figs 2, 14, 15 (needs a GPU)
-
 def _model_specs(target, models, recipe) -> dict:
     "`{label: (GPT2Config, Recipe)}` of the models to profile."
     if models is not None:
