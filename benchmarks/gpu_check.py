@@ -26,7 +26,7 @@ from quantstudy.analysis.memory import MEMORY_CATEGORIES, _fresh_model, profile_
 from quantstudy.model import Recipe, build_model, gpt2_config
 from quantstudy.optim import OptimQuant, QAdamW, make_optimizer
 from quantstudy.qlinear import LinearQuant, QuantLinear, int8_matmul, _pad_operands
-from quantstudy.host import tune_cpu_allocator
+from quantstudy.host import cpu_name, tune_cpu_allocator
 from quantstudy.rundir import write_json
 from quantstudy.config import TrainConfig
 
@@ -333,13 +333,8 @@ def run_stage(name, fn, R, S, dev, tmp, budget):
     print(f"---- stage {name}: {status} in {secs:.1f} s (budget {budget:.0f} s)", flush=True)
     R.save()
 
-def cpu_name() -> str:
-    "The CPU's model name (/proc/cpuinfo), else the platform's."
-    try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration): return platform.processor() or platform.machine()
-
 def meta(dev: torch.device, tiny: bool) -> dict:
-    return dict(tiny=tiny, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {cpu_name()}, {os.cpu_count()} cores",
+    return dict(tiny=tiny, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {cpu_name() or platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                 torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if dev.type == "cuda" else None,
                 transformers=__import__("transformers").__version__, python=platform.python_version(),
                 date=datetime.datetime.now().isoformat(timespec="seconds"), host=platform.node())

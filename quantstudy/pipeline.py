@@ -13,9 +13,9 @@ from .rundir import FINISHED, Results, RunDir, Status
 __all__ = ['start_results', 'train_run', 'model_for', 'evaluate_model', 'analyse_run', 'run_pipeline']
 
 # %% ../nbs/08a_pipeline.ipynb #b33fe5c7
-def start_results(rd: RunDir) -> tuple[Experiment, Results]:
-    "The `Experiment` in `rd`'s `run.json` and its `Results` before anything runs (status `failed`, provenance filled in)."
-    run = rd.read_run()
+def start_results(rd: RunDir, run: dict | None = None) -> tuple[Experiment, Results]:
+    "The `Experiment` in `rd`'s `run.json` (or `run`, read from it) and its `Results` before anything runs (status `failed`, provenance filled in)."
+    run = rd.read_run() if run is None else run
     if run is None: raise FileNotFoundError(f"{rd.run_file} is missing: `quantstudy run EXPERIMENT` writes it before the run")
     from quantstudy.host import provenance
     exp = Experiment.from_dict(run["config"])
@@ -99,9 +99,10 @@ def analyse_run(exp: Experiment, rd: RunDir) -> dict:
 def run_pipeline(run_json) -> Results:
     "Train, evaluate and analyse the run that `run_json` (a run directory's `run.json`) describes; write and return its `Results`."
     rd = RunDir(Path(run_json).parent)
-    exp, res = start_results(rd)
+    run = rd.read_run()
+    exp, res = start_results(rd, run)   # fails in one line if there is no run.json
     t0 = time.time()
-    model = model_for(exp, rd, res, rd.read_run().get("nproc", 1))
+    model = model_for(exp, rd, res, run.get("nproc", 1))
     t1 = time.time()
     if res.status == Status.COMPLETE or res.evaluated_checkpoint: res.metrics = evaluate_model(model, exp.evals)
     t2 = time.time()

@@ -21,7 +21,7 @@ except ImportError:   # the GPU image has no fastcore, and the trainer imports t
 
 # %% auto #0
 __all__ = ['SCHEMA', 'FINISHED', 'CHECKPOINT_JSON', 'CHECKPOINT_TORCH', 'write_text', 'write_json', 'read_json', 'Status',
-           'Results', 'RunInUse', 'RunDir', 'config_hash', 'checkpoint_problem']
+           'Results', 'RunInUse', 'RunDir', 'canonical', 'config_hash', 'checkpoint_problem']
 
 # %% ../nbs/04a_rundir.ipynb #306d8d49
 def write_text(path, text: str) -> Path:
@@ -134,12 +134,14 @@ class RunDir:
     def results_file(self) -> Path: return self.path / self.RESULTS
 
 # %% ../nbs/04a_rundir.ipynb #302e6374
-def _canonical(config: dict) -> dict: return json.loads(json.dumps(config, sort_keys=True, default=str))
+def canonical(config: dict) -> dict:
+    "`config` as JSON stores it (keys sorted, tuples as lists, other values as strings): what a hash and a comparison see."
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
 
 def config_hash(config: dict) -> str:
     "A short hash of a resolved configuration (JSON, keys sorted)."
     import hashlib
-    return hashlib.sha256(json.dumps(_canonical(config), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(canonical(config), sort_keys=True).encode()).hexdigest()[:16]
 
 @patch
 def read_run(self: RunDir) -> dict | None:
@@ -150,7 +152,7 @@ def read_run(self: RunDir) -> dict | None:
 def write_run(self: RunDir, study: str, experiment: str, config: dict, preset: str | None = None, overrides: dict | None = None,
                nproc: int = 1) -> Path:
     "Record what the run is in `run.json`: its names, preset, overrides, process count and resolved `config`."
-    config = _canonical(config)
+    config = canonical(config)
     return write_json(self.run_file, dict(schema=SCHEMA, study=study, experiment=experiment, preset=preset,
                                           overrides=overrides or {}, nproc=nproc, hash=config_hash(config), config=config))
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
 from .experiments import Experiment, get_experiment, study_experiments
-from .rundir import Results, RunDir, RunInUse, Status, config_hash
+from .rundir import Results, RunDir, RunInUse, Status, canonical, config_hash
 
 # %% auto #0
 __all__ = ['TEMPLATE', 'SAFE_NAME', 'REPRODUCE_TOLERANCE', 'PPL_TOLERANCE', 'check_name', 'inside', 'run_dir', 'record_run',
@@ -42,23 +42,21 @@ def _flat(d, prefix=""):
     if not isinstance(d, dict): return {prefix[:-1]: d}
     return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()} if d else {prefix[:-1]: d}
 
-def _stored_config(rd: RunDir) -> dict | None:
-    "The configuration a run directory was made with: `run.json`'s, else (a finished run of an older layout) `results.json`'s."
-    run = rd.read_run()
+def _stored_config(rd: RunDir, run: dict | None) -> dict | None:
+    "The configuration a run directory was made with: its `run.json`'s (`run`), else (a finished run of an older layout) `results.json`'s."
     if run is not None: return run.get("config")
     r = rd.results()
     return {k: v for k, v in r.config.items() if k != "overrides"} if r and r.config else None
 
 def record_run(rd: RunDir, exp: Experiment, study: str, preset: str, overrides: dict, nproc: int = 1, force: bool = False):
     "Fail if `rd` holds a run of another configuration than `exp`'s (unless `force`); else record `exp` in its `run.json`."
-    config = json.loads(json.dumps(exp.to_dict(), sort_keys=True, default=str))
-    stored = None if force else _stored_config(rd)
+    config, run = canonical(exp.to_dict()), None if force else rd.read_run()
+    stored = None if force else _stored_config(rd, run)
     if stored is not None and config_hash(stored) != config_hash(config):
-        old, new = _flat(json.loads(json.dumps(stored, default=str))), _flat(config)
+        old, new = _flat(canonical(stored)), _flat(config)
         changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
         raise ValueError(f"{rd.path} holds a run of another configuration ({'; '.join(changed[:4])}"
                          f"{'; ...' if len(changed) > 4 else ''}): pass --force to start it again from scratch, or use another --study")
-    run = None if force else rd.read_run()
     if run is None or (run.get("study"), run.get("preset"), run.get("overrides"), run.get("nproc")) != (study, preset, overrides, nproc):
         rd.write_run(study, exp.name, config, preset=preset, overrides=overrides, nproc=nproc)   # else: nothing rewritten
 
