@@ -7,7 +7,7 @@ from __future__ import annotations
 import os, subprocess, sys, time
 from pathlib import Path
 from .experiments import Experiment
-from .rundir import FINISHED, Results, RunDir, Status
+from .rundir import Results, RunDir, Status
 
 # %% auto #0
 __all__ = ['start_results', 'train_run', 'model_for', 'evaluate_model', 'analyse_run', 'run_pipeline']

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_runner.ipynb #6e2958e2
 from __future__ import annotations
-import json, os, re, sys, time
+import os, re, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path

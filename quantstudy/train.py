@@ -4,8 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #cb3aa34a
 from __future__ import annotations
-import dataclasses, json, math, os, shutil, sys, time
-from dataclasses import dataclass, field
+import json, math, os, shutil, sys, time
 from pathlib import Path
 import torch
 try: from fastcore.script import call_parse

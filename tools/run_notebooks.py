@@ -2,7 +2,7 @@
 place, so that a reader on GitHub sees the figures and printed values. `make outputs` runs it on every notebook.
 A committed notebook names no machine: the data root and the temporary directory in its text outputs are written
 `$QUANTSTUDY_DATA` and `$TMPDIR`, and progress bars (stderr lines of `it/s]`) are dropped."""
-import argparse, os, re, sys, tempfile, time
+import argparse, os, re, tempfile, time
 from pathlib import Path
 from execnb.nbio import read_nb, write_nb
 from execnb.shell import CaptureShell
