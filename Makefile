@@ -73,15 +73,17 @@ outputs: venv
 
 # two runs at once, one thread each: the smoke runs are sized for 2 cores (the reference was made the same way)
 SMOKE := OMP_NUM_THREADS=1 $(BIN)/quantstudy study smoke --jobs 2
+SEEDS ?= 1                # make smoke: training seeds 0..SEEDS-1 of each experiment (the reference has 3)
+REFERENCE_SEEDS := 3
 
 ## smoke: trains the smoke study afresh on this machine (CPU, minutes) into runs/smoke (figures in runs/figures/smoke),
 ## then holds every run against the committed reference papermill_runs/smoke and says whether it reproduced it
 smoke: venv
-	$(SMOKE) --runs-root runs --out runs/figures --force --reference papermill_runs
+	$(SMOKE) --seeds $(SEEDS) --runs-root runs --out runs/figures --force --reference papermill_runs
 
 ## smoke-reference: retrain the committed reference itself (papermill_runs/smoke, figures/smoke), after a change of protocol
 smoke-reference: venv
-	$(SMOKE) --force
+	$(SMOKE) --seeds $(REFERENCE_SEEDS) --force
 
 ## gpu-check: every GPU check and figure in one run, under 7 minutes on one H100/H200 (benchmarks/README.md).
 ## It uses the machine's own python3 (torch + CUDA), not the CPU venv: nothing to install, the checkout is enough.

@@ -40,6 +40,17 @@ def _positive(s: str) -> int:
     if v < 1: raise argparse.ArgumentTypeError(f"{s!r} is not an int >= 1")
     return v
 
+def _natural(s: str) -> int:
+    "An argparse type: an int >= 0."
+    try: v = int(s)
+    except ValueError: v = -1
+    if v < 0: raise argparse.ArgumentTypeError(f"{s!r} is not an int >= 0")
+    return v
+
+def _seeds(args) -> tuple[int, ...]:
+    "The training seeds `--seeds N` (0..N-1) or `--seed K` ask for; (0,) by default."
+    return tuple(range(args.seeds)) if args.seeds else ((args.seed,) if args.seed is not None else (0,))
+
 # %% ../nbs/11_cli.ipynb #ac087c08
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("quantstudy", description="Quantized pre-training of GPT-2: experiments, sweeps and reports.",
@@ -57,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--force", action="store_true",
                         help="start the run directory again from scratch (deletes its checkpoints), also under another configuration")
     common.add_argument("--quiet", action="store_true", help="do not stream the run's output (training progress) here")
+    seeds = common.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=_positive, default=None, metavar="N",
+                       help="train each experiment with seeds 0..N-1 (model init and data order), one run directory each (default: 1)")
+    seeds.add_argument("--seed", type=_natural, default=None, metavar="K", help="train with seed K alone (default: 0)")
     s = sub.add_parser("list", help="list experiments and studies")
     s.add_argument("--study", default=None, choices=STUDY_NAMES, help="only the experiments of this study")
     s = sub.add_parser("run", parents=[common], help="run one experiment")
@@ -118,14 +133,16 @@ def _run(args):
     from quantstudy import runner
     overrides = parse_overrides(args.override)
     if args.command == "run":
-        r = runner.run_experiment(args.experiment, args.study, args.preset, overrides, args.runs_root, args.nproc,
-                                  force=args.force, progress=not args.quiet)
-        print(runner.summary_table({args.experiment: r}))
-        return _failures({args.experiment: r}, args.runs_root, args.study)
+        from quantstudy.rundir import run_name
+        res = {run_name(args.experiment, s): runner.run_experiment(args.experiment, args.study, args.preset, overrides, args.runs_root,
+                                                                   args.nproc, seed=s, force=args.force, progress=not args.quiet)
+               for s in _seeds(args)}
+        print(runner.summary_table(res))
+        return _failures(res, args.runs_root, args.study)
     slurm = dict(partition=args.slurm_partition, gpus=args.gpus, time=args.time)
     res = runner.sweep(args.study, args.executor, args.jobs, args.preset, overrides, args.runs_root, args.nproc,
                        args.force, args.only, {k: v for k, v in slurm.items() if v is not None},
-                       progress=not args.quiet and args.jobs == 1)
+                       progress=not args.quiet and args.jobs == 1, seeds=_seeds(args))
     status = _failures(res, args.runs_root, args.study)
     if args.command == "study": _report(args)
     if args.reference:   # make smoke: this machine's runs against the committed reference

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os, subprocess, sys, time
 from pathlib import Path
 from .experiments import Experiment
-from .rundir import Results, RunDir, Status
+from .rundir import Results, RunDir, Status, run_name
 
 # %% auto #0
 __all__ = ['start_results', 'train_run', 'model_for', 'evaluate_model', 'analyse_run', 'run_pipeline']
@@ -19,7 +19,7 @@ def start_results(rd: RunDir, run: dict | None = None) -> tuple[Experiment, Resu
     if run is None: raise FileNotFoundError(f"{rd.run_file} is missing: `quantstudy run EXPERIMENT` writes it before the run")
     from quantstudy.host import provenance
     exp = Experiment.from_dict(run["config"])
-    return exp, Results(study=run["study"], experiment=run["experiment"], preset=run.get("preset"),
+    return exp, Results(study=run["study"], experiment=run["experiment"], seed=exp.train.seed if exp.train else 0, preset=run.get("preset"),
                         config={**run["config"], "overrides": run.get("overrides") or {}}, **provenance())
 
 # %% ../nbs/08a_pipeline.ipynb #424e3bde
@@ -36,7 +36,7 @@ def train_run(exp: Experiment, rd: RunDir, nproc: int = 1) -> dict:
 _TRAINED = ("status", "step", "reason", "curves", "divergence", "evaluated_checkpoint")
 
 def model_for(exp: Experiment, rd: RunDir, res: Results, nproc: int = 1):
-    "The model the run evaluates: trained here, the `base` run's quantized (PTQ), or a released checkpoint; `res` says how it ended."
+    "The model the run evaluates (None: none to evaluate): trained here, the `base` run's quantized (PTQ), or a released checkpoint; `res` says how it ended."
     from quantstudy.model import load_model
     from quantstudy.evaluate.ptq import load_pretrained, ptq
     if exp.pretrained:   # Table 1: a released checkpoint, evaluated as it is
@@ -48,14 +48,14 @@ def model_for(exp: Experiment, rd: RunDir, res: Results, nproc: int = 1):
         res.status = Status(res.status)
         res.timings.update(tr.get("timings") or {})
         res.hardware["world_size"] = tr.get("world_size", nproc)   # the processes it trained on: a finished run keeps no hand-off
-        return load_model(rd.model)
-    base = RunDir(rd.path.parent / exp.base)
+        return load_model(rd.model) if tr.get("evaluable", True) else None   # stopped early at a divergence: nothing to evaluate
+    base = RunDir(rd.path.parent / run_name(exp.base, res.seed))   # seed K of a PTQ row quantizes seed K of its base
     b = base.results()
     if b is None or not b.finished:
         raise FileNotFoundError(f"{exp.name} quantizes the trained model of {exp.base!r}, but {base.path} has no finished "
                                 f"results.json: run `quantstudy run {exp.base} --study {res.study}` first")
     for k in _TRAINED: setattr(res, k, getattr(b, k))   # how the quantized model was trained
-    return ptq(load_model(base.model), exp.ptq)
+    return ptq(load_model(base.model), exp.ptq) if b.metrics else None   # a base that was not evaluated has no model to quantize
 
 # %% ../nbs/08a_pipeline.ipynb #10f5b0ba
 def evaluate_model(model, evals: dict) -> dict:
@@ -104,7 +104,7 @@ def run_pipeline(run_json) -> Results:
     t0 = time.time()
     model = model_for(exp, rd, res, run.get("nproc", 1))
     t1 = time.time()
-    if res.status == Status.COMPLETE or res.evaluated_checkpoint: res.metrics = evaluate_model(model, exp.evals)
+    if model is not None: res.metrics = evaluate_model(model, exp.evals)
     t2 = time.time()
     res.analysis = analyse_run(exp, rd)
     res.timings.update(eval_seconds=t2 - t1, analysis_seconds=time.time() - t2, total_seconds=time.time() - t0)

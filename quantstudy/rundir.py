@@ -21,7 +21,7 @@ except ImportError:   # the GPU image has no fastcore, and the trainer imports t
 
 # %% auto #0
 __all__ = ['SCHEMA', 'FINISHED', 'CHECKPOINT_JSON', 'CHECKPOINT_TORCH', 'write_text', 'write_json', 'read_json', 'Status',
-           'Results', 'RunInUse', 'RunDir', 'canonical', 'config_hash', 'checkpoint_problem']
+           'run_name', 'Results', 'RunInUse', 'RunDir', 'canonical', 'config_hash', 'checkpoint_problem']
 
 # %% ../nbs/04a_rundir.ipynb #306d8d49
 def write_text(path, text: str) -> Path:
@@ -47,15 +47,21 @@ def read_json(path, what: str = "") -> dict | None:
     return d
 
 # %% ../nbs/04a_rundir.ipynb #55205e1e
-SCHEMA = 1
+SCHEMA = 2   # 2: the training seed, and the `unstable` outcome
 
 class Status(str, Enum):
-    "How a run ended: `complete`, `diverged` (the paper's divergence, Sec. 4) or `failed`."
+    "How a run ended: `complete`, `unstable` (spikes, finite to the end), `diverged` (the paper's divergence, Sec. 4) or `failed`."
     COMPLETE = "complete"
+    UNSTABLE = "unstable"
     DIVERGED = "diverged"
     FAILED = "failed"
 
-FINISHED = (Status.COMPLETE, Status.DIVERGED)   # a sweep skips these
+FINISHED = (Status.COMPLETE, Status.UNSTABLE, Status.DIVERGED)   # a sweep skips these
+
+def run_name(experiment: str, seed: int = 0) -> str:
+    "The directory name of `experiment`'s run with training seed `seed`: the plain name for seed 0, `<name>-seed<K>` else."
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0: raise ValueError(f"seed={seed!r}: must be an int >= 0")
+    return experiment if seed == 0 else f"{experiment}-seed{seed}"
 
 # %% ../nbs/04a_rundir.ipynb #94a980b7
 @dataclass
@@ -63,6 +69,7 @@ class Results:
     "What one run measured: the schema of `results.json` (version `SCHEMA`)."
     study: str
     experiment: str
+    seed: int = 0                         # the training seed (model init and data order); replicates differ only here
     status: Status = Status.FAILED        # failed until the run says otherwise
     step: int = 0
     reason: str | None = None             # why it diverged or failed
@@ -72,7 +79,7 @@ class Results:
     versions: dict = field(default_factory=dict)
     hardware: dict = field(default_factory=dict)
     curves: dict = field(default_factory=lambda: dict(train=[], val=[]))
-    divergence: dict | None = None
+    divergence: dict | None = None        # first divergence, the non-finite step, every spike (`train.training_outcome`)
     evaluated_checkpoint: str | None = None   # a run stopped by a NaN is evaluated at its last finite checkpoint
     metrics: dict = field(default_factory=dict)
     analysis: dict = field(default_factory=dict)
@@ -85,7 +92,7 @@ class Results:
 
     @property
     def finished(self) -> bool:
-        "True if the run ended for good (complete or diverged): a sweep skips it."
+        "True if the run ended for good (complete, unstable or diverged): a sweep skips it."
         return self.status in FINISHED
 
     @property
@@ -102,6 +109,8 @@ class Results:
     def from_dict(cls, d: dict, where: str = "results.json") -> "Results":
         "A `Results` from `to_dict`'s output; another schema version or an unknown field fails in one line naming `where`."
         if not isinstance(d, dict): raise ValueError(f"{where}: not a JSON object")
+        if d.get("schema") == 1:   # schema 1 had no seed field: the run's config holds it
+            d = {**d, "schema": SCHEMA, "seed": ((d.get("config") or {}).get("train") or {}).get("seed", 0)}
         if d.get("schema") != SCHEMA:
             raise ValueError(f"{where}: results schema {d.get('schema')!r}; this quantstudy reads schema {SCHEMA}: "
                              "run the experiment again (--force), or read it with the quantstudy that wrote it")
@@ -173,7 +182,7 @@ def write_results(self: RunDir, res: Results) -> Path:
 
 @patch
 def is_finished(self: RunDir) -> bool:
-    "True if the run ended for good (complete or diverged)."
+    "True if the run ended for good (complete, unstable or diverged)."
     r = self.results()
     return r is not None and r.finished
 

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
 from .experiments import Experiment, get_experiment, study_experiments
-from .rundir import Results, RunDir, RunInUse, Status, canonical, config_hash
+from .rundir import Results, RunDir, RunInUse, Status, canonical, config_hash, run_name
 
 # %% auto #0
 __all__ = ['TEMPLATE', 'SAFE_NAME', 'REPRODUCE_TOLERANCE', 'PPL_TOLERANCE', 'check_name', 'inside', 'run_dir', 'record_run',
-           'check_inputs', 'run_experiment', 'summary_table', 'sweep', 'compare_runs', 'compare_studies']
+           'check_inputs', 'run_experiment', 'summary_table', 'check_seeds', 'sweep', 'compare_runs', 'compare_studies']
 
 # %% ../nbs/09_runner.ipynb #0f30d524
 TEMPLATE = Path(str(files("quantstudy") / "templates" / "experiment.ipynb"))   # package data: an installed wheel runs it too
@@ -31,9 +31,9 @@ def inside(path, root) -> Path:
     if p != r and r not in p.parents: raise ValueError(f"{path} resolves to {p}, outside the runs root {r}")
     return p
 
-def run_dir(study: str, name: str, runs_root="papermill_runs") -> RunDir:
-    "The `RunDir` of experiment `name` of `study`, after checking both names and that it lies under `runs_root`."
-    out = Path(runs_root) / check_name("study", study) / check_name("experiment", name)
+def run_dir(study: str, name: str, runs_root="papermill_runs", seed: int = 0) -> RunDir:
+    "The `RunDir` of experiment `name` of `study` trained with `seed`, after checking the names and that it lies under `runs_root`."
+    out = Path(runs_root) / check_name("study", study) / run_name(check_name("experiment", name), seed)
     inside(out, runs_root)
     return RunDir(out)
 
@@ -99,13 +99,15 @@ def run_experiment(name: str, study: str = "smoke", preset_name: str | None = No
     "Execute experiment `name` of `study` with papermill (`progress`: stream its output here); its `Results`."
     preset_name = preset_name or ("paper" if study == "paper" else "smoke")
     overrides = dict(overrides or {})
-    rd, nb_out = run_dir(study, name, runs_root), Path(runs_root) / study / f"{name}.ipynb"   # names first
+    if "seed" in overrides: raise ValueError(f"-o seed={overrides['seed']!r}: the training seed is --seed K (or --seeds N), not an override")
+    rd = run_dir(study, name, runs_root, seed)   # names and seed first
+    nb_out = rd.path.with_name(rd.path.name + ".ipynb")
     exp = get_experiment(name, preset_name, evals, analyses, seed=seed, **overrides)  # bad values fail here, before any work
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1: raise ValueError(f"nproc={nproc!r}: must be an int >= 1")
     check_inputs(exp)
-    if exp.base is not None and not run_dir(study, exp.base, runs_root).is_finished():
-        raise FileNotFoundError(f"{name} quantizes the trained model of {exp.base!r}, but {run_dir(study, exp.base, runs_root).path} "
-                                f"has no finished results.json: run `quantstudy run {exp.base} --study {study}` first")
+    if exp.base is not None and not run_dir(study, exp.base, runs_root, seed).is_finished():
+        raise FileNotFoundError(f"{name} quantizes the trained model of {exp.base!r}, but {run_dir(study, exp.base, runs_root, seed).path} "
+                                f"has no finished results.json: run `quantstudy run {exp.base} --study {study} --seed {seed}` first")
     template = Path(template or TEMPLATE)
     if not template.exists(): raise FileNotFoundError(f"the template notebook {template} is missing (reinstall quantstudy)")
     with rd.lock():   # one writer from here on
@@ -151,20 +153,27 @@ def _order(names):
     return first, [n for n in names if n not in first]
 
 def summary_table(results: dict[str, Results]) -> str:
-    "A Markdown table of a sweep: experiment, status, step, final validation loss, minutes."
-    rows = ["| experiment | status | step | val loss | minutes |", "|---|---|---:|---:|---:|"]
+    "A Markdown table of a sweep: experiment, seed, status, step, final validation loss, minutes."
+    rows = ["| experiment | seed | status | step | val loss | minutes |", "|---|---:|---|---:|---:|---:|"]
     for name, r in results.items():
         loss = r.final_val_loss
-        rows.append(f"| {name} | {r.status.value} | {r.step} | {'' if loss is None else f'{loss:.3f}'} | "
+        rows.append(f"| {r.experiment or name} | {r.seed} | {r.status.value} | {r.step} | {'' if loss is None else f'{loss:.3f}'} | "
                     f"{r.timings.get('total_seconds', 0) / 60:.1f} |")
     return "\n".join(rows)
+
+def check_seeds(seeds) -> tuple[int, ...]:
+    "`seeds` as a tuple of distinct ints >= 0 (at least one), else a one-line error."
+    seeds = (seeds,) if isinstance(seeds, int) and not isinstance(seeds, bool) else tuple(seeds)
+    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ValueError(f"seeds={seeds!r}: must be distinct ints >= 0, at least one (e.g. --seeds 3 for 0, 1, 2)")
+    return seeds
 
 def sweep(study: str, executor: str = "local", jobs: int = 1, preset_name: str | None = None, overrides: dict | None = None,
           runs_root="papermill_runs", nproc: int = 1, force: bool = False, only: list | None = None,
           slurm: dict | None = None, per_experiment: dict | None = None, evals: dict | None = None,
-          analyses: list | None = None, quiet: bool = False, progress: bool = False) -> dict:
-    "Run every experiment of `study` (or those in `only`; `progress`: stream each run's output); `{name: results}`, a summary printed."
-    names = study_experiments(study)
+          analyses: list | None = None, quiet: bool = False, progress: bool = False, seeds=(0,)) -> dict:
+    "Run every experiment of `study` (or those in `only`) with each training seed of `seeds`; `{run name: results}`, a summary printed."
+    names, seeds = study_experiments(study), check_seeds(seeds)
     per_experiment = per_experiment or {}  # name -> extra overrides for that experiment alone
     if only:
         bad = sorted(set(only) - set(names))
@@ -174,40 +183,46 @@ def sweep(study: str, executor: str = "local", jobs: int = 1, preset_name: str |
         raise ValueError(f"executor={executor!r} is not one of ('local', 'slurm', 'submitit-local')")
     kw = dict(study=study, preset_name=preset_name, runs_root=str(runs_root), nproc=nproc, force=force, evals=evals, analyses=analyses,
               progress=progress)
+    if "seed" in (overrides or {}): raise ValueError(f"-o seed={overrides['seed']!r}: the training seed is --seeds N or --seed K, not an override")
     args = {n: dict(kw, overrides={**(overrides or {}), **per_experiment.get(n, {})}) for n in names}
     for n, a in args.items():  # every name, override, corpus and split is checked before anything runs
         run_dir(study, n, runs_root)
         check_inputs(get_experiment(n, preset_name or ("paper" if study == "paper" else "smoke"), evals, analyses, **a["overrides"]))
     first, later = _order(names)
-    if executor == "local": results = _sweep_local(first, later, jobs, args, quiet)
-    else: results = _sweep_submitit(first, later, args, "local" if executor == "submitit-local" else "slurm", slurm or {}, kw)
-    results = {n: results[n] for n in names}
+    runs = {run_name(n, s): (n, dict(args[n], seed=s)) for n in names for s in seeds}   # run name -> (experiment, its arguments)
+    keys = lambda group: [run_name(n, s) for n in group for s in seeds]
+    if executor == "local": results = _sweep_local(keys(first), keys(later), jobs, runs, quiet)
+    else: results = _sweep_submitit(keys(first), keys(later), runs, "local" if executor == "submitit-local" else "slurm", slurm or {}, kw)
+    results = {k: results[k] for k in runs}
     if not quiet: print(summary_table(results))
     return results
 
 # %% ../nbs/09_runner.ipynb #6197b1a4
 def _failed_to_start(name, kw, e) -> Results:
     "The `failed` results of an experiment that could not even start (written, unless another process holds its run)."
-    if isinstance(e, RunInUse): return Results(study=kw["study"], experiment=name, reason=f"{type(e).__name__}: {e}")   # not ours
+    seed = kw.get("seed", 0)
+    if isinstance(e, RunInUse): return Results(study=kw["study"], experiment=name, seed=seed, reason=f"{type(e).__name__}: {e}")   # not ours
     try:
-        rd = run_dir(kw["study"], name, kw["runs_root"])
+        rd = run_dir(kw["study"], name, kw["runs_root"], seed)
         with rd.lock(): return _record_failure(rd, f"{type(e).__name__}: {e}")
-    except (RunInUse, ValueError): return Results(study=kw["study"], experiment=name, reason=f"{type(e).__name__}: {e}")
+    except (RunInUse, ValueError): return Results(study=kw["study"], experiment=name, seed=seed, reason=f"{type(e).__name__}: {e}")
 
-def _sweep_local(first, later, jobs, args, quiet):
+def _sweep_local(first, later, jobs, runs, quiet):
+    "Run the runs named in `first`, then those in `later` (`runs`: run name -> (experiment, arguments)), `jobs` at a time."
     from tqdm.auto import tqdm
     results, bar = {}, tqdm(total=len(first) + len(later), desc="sweep", disable=quiet)
-    def one(n):
-        bar.set_postfix_str(n)
-        try: r = run_experiment(n, **args[n])  # a bad override of one experiment fails that one only
-        except Exception as e: r = _failed_to_start(n, args[n], e)
-        bar.update(); return n, r
+    def one(key):
+        n, a = runs[key]
+        bar.set_postfix_str(key)
+        try: r = run_experiment(n, **a)  # a bad override of one experiment fails that one only
+        except Exception as e: r = _failed_to_start(n, a, e)
+        bar.update(); return key, r
     for group in (first, later):
         with ThreadPoolExecutor(max(1, jobs)) as pool: results.update(pool.map(one, group))
     bar.close()
     return results
 
-def _sweep_submitit(first, later, args, cluster, slurm, kw):
+def _sweep_submitit(first, later, runs, cluster, slurm, kw):
     import submitit
     folder = Path(kw["runs_root"]) / kw["study"] / ".submitit"
     ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
@@ -216,16 +231,16 @@ def _sweep_submitit(first, later, args, cluster, slurm, kw):
     if cluster == "slurm" and slurm.get("partition"): params["slurm_partition"] = slurm["partition"]
     if cluster == "local": params.pop("cpus_per_task"); params["gpus_per_node"] = 0
     ex.update_parameters(**params)
-    jobs = {n: ex.submit(run_experiment, n, **args[n]) for n in first}
+    jobs = {k: ex.submit(run_experiment, runs[k][0], **runs[k][1]) for k in first}
     if later:
         if cluster == "slurm" and jobs:
             ex.update_parameters(slurm_additional_parameters={"dependency": "afterany:" + ":".join(j.job_id for j in jobs.values())})
         else: [j.wait() for j in jobs.values()]
-        jobs.update({n: ex.submit(run_experiment, n, **args[n]) for n in later})
+        jobs.update({k: ex.submit(run_experiment, runs[k][0], **runs[k][1]) for k in later})
     results = {}
-    for n, j in jobs.items():
-        try: results[n] = j.result()
-        except Exception as e: results[n] = _failed_to_start(n, args[n], e)
+    for k, j in jobs.items():
+        try: results[k] = j.result()
+        except Exception as e: results[k] = _failed_to_start(*runs[k], e)
     return results
 
 # %% ../nbs/09_runner.ipynb #8b08edba

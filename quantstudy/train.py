@@ -22,9 +22,9 @@ from .host import tune_cpu_allocator
 from .rundir import RunDir, checkpoint_problem
 
 # %% auto #0
-__all__ = ['SNAPSHOTS', 'use_bf16', 'DivergenceCallback', 'curves_from_history', 'ProgressLines', 'resume_checkpoint',
-           'SnapshotCallback', 'snapshots', 'finite_weights', 'last_finite_checkpoint', 'training_args', 'datasets_for',
-           'train', 'main']
+__all__ = ['SNAPSHOTS', 'use_bf16', 'DivergenceCallback', 'spikes', 'training_outcome', 'curves_from_history', 'ProgressLines',
+           'resume_checkpoint', 'SnapshotCallback', 'snapshots', 'finite_weights', 'last_finite_checkpoint',
+           'training_args', 'datasets_for', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #53985a20
 def use_bf16(cfg: TrainConfig) -> bool:
@@ -63,6 +63,29 @@ class DivergenceCallback(TrainerCallback):
         self.best = min(self.best, loss)
         if self.bad >= self.patience:
             return self._stop(control, state.global_step, f"eval_loss {loss:.3f} above {bound:.3f} for {self.bad} evaluations")
+
+def spikes(val: list[dict], bound: float, rise: float = 1.0) -> list[dict]:
+    "Every evaluation of the validation curve `val` above `min(bound, best so far + rise)`: step, loss, bound."
+    best, out = math.inf, []
+    for p in val:
+        loss = p["loss"]
+        if not math.isfinite(loss): out.append(dict(step=p["step"], loss=loss, bound=None)); continue
+        b = min(bound, best + rise)
+        if loss > b: out.append(dict(step=p["step"], loss=round(loss, 4), bound=round(b, 4)))
+        best = min(best, loss)
+    return out
+
+# %% ../nbs/05_train.ipynb #9f33b664
+def training_outcome(val: list[dict], divergence: dict | None, bound: float, rise: float = 1.0, stopped: bool = False) -> tuple[str, dict | None]:
+    "How a run ended, from its validation curve `val` and the callback's `divergence`: `complete`, `unstable` or `diverged`, and the record."
+    rec = dict(divergence or {})
+    if peaks := spikes(val, bound, rise): rec["spikes"] = peaks
+    final = next((p["loss"] for p in reversed(val) if math.isfinite(p["loss"])), None)
+    if rec.get("nonfinite") or stopped: return "diverged", rec
+    if final is not None and final > bound:
+        rec.setdefault("step", val[-1]["step"]); rec["final"] = f"final eval_loss {final:.3f} above {bound:.3f} (no better than uniform)"
+        return "diverged", rec
+    return ("unstable" if divergence else "complete"), rec or None
 
 # %% ../nbs/05_train.ipynb #dbe82683
 def curves_from_history(history: list[dict]) -> dict:
@@ -172,7 +195,7 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
     "Pre-train a GPT-2 with `recipe`'s quantization into `out_dir`; returns (and hands off, in the run directory) how it ended."
     rd = RunDir(out_dir); out_dir = rd.path; out_dir.mkdir(parents=True, exist_ok=True)
     prior = rd.read_training() if resume else None
-    if prior and prior.get("status") in ("complete", "diverged"): return prior   # trained; the evaluation had not finished
+    if prior and prior.get("status") in ("complete", "unstable", "diverged"): return prior   # trained; the evaluation had not finished
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0 and rd.read_run() is None:   # a bare training run: run.json says what it is, for the analyses
         rd.write_run(None, None, dict(train=cfg.to_dict(), recipe=recipe.to_dict() if recipe is not None else None))
@@ -202,10 +225,13 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
     if diverge.stopped and diverge.nonfinite and not cfg.stop_on_divergence:
         reason = (f"{diverge.diverged['nonfinite']['reason']}: " + (f"evaluated at {evaluated.name}, the last checkpoint with finite weights"
                   if evaluated is not None else "no checkpoint with finite weights to evaluate"))
-    result = dict(status="diverged" if diverge.stopped else "complete", step=trainer.state.global_step,
-                  reason=reason, divergence=diverge.diverged, evaluated_checkpoint=evaluated.name if evaluated else None,
-                  resumed_from=ckpt.name if ckpt else None,
-                  curves=curves_from_history(trainer.state.log_history),
+    curves = curves_from_history(trainer.state.log_history)
+    status, record = training_outcome(curves["val"], diverge.diverged, bound, cfg.diverge_rise, stopped=diverge.stopped and not diverge.nonfinite)
+    if status == "diverged" and not reason: reason = record.get("final")
+    result = dict(status=status, step=trainer.state.global_step, reason=reason, divergence=record,
+                  evaluated_checkpoint=evaluated.name if evaluated else None,
+                  evaluable=not diverge.stopped or evaluated is not None,   # the model at the end is one to evaluate
+                  resumed_from=ckpt.name if ckpt else None, curves=curves,
                   timings=dict(train_seconds=time.time() - t0, **{k: v for k, v in out.metrics.items() if "runtime" in k or "per_second" in k}),
                   device=str(trainer.args.device), world_size=trainer.args.world_size, bf16=trainer.args.bf16)
     if trainer.is_world_process_zero():
