@@ -73,7 +73,8 @@ outputs: venv
 
 # two runs at once, one thread each: the smoke runs are sized for 2 cores (the reference was made the same way)
 SMOKE := OMP_NUM_THREADS=1 $(BIN)/quantstudy study smoke --jobs 2
-SEEDS ?= 1                # make smoke: training seeds 0..SEEDS-1 of each experiment (the reference has 3)
+# make smoke: training seeds 0..SEEDS-1 of each experiment (the reference has 3)
+SEEDS ?= 1
 REFERENCE_SEEDS := 3
 
 ## smoke: trains the smoke study afresh on this machine (CPU, minutes) into runs/smoke (figures in runs/figures/smoke),
