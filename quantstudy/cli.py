@@ -52,10 +52,15 @@ def _seeds(args) -> tuple[int, ...]:
     return tuple(range(args.seeds)) if args.seeds else ((args.seed,) if args.seed is not None else (0,))
 
 # %% ../nbs/11_cli.ipynb #ac087c08
+class _Parser(argparse.ArgumentParser):
+    "An argparse parser whose usage errors are one line on stderr and exit status 2, like every other bad input."
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("quantstudy", description="Quantized pre-training of GPT-2: experiments, sweeps and reports.",
-                                epilog="Bad input fails before anything runs, with one line on stderr and exit status 2; "
-                                       "a run that fails has exit status 1.")
+    p = _Parser("quantstudy", description="Quantized pre-training of GPT-2: experiments, sweeps and reports.",
+                epilog="Bad input fails before anything runs, with one line on stderr and exit status 2; "
+                       "a run that fails has exit status 1.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{list,run,sweep,study,report,scorecard}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--runs-root", default="papermill_runs", metavar="DIR",
@@ -96,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--runs-root", default="papermill_runs", metavar="DIR", help="default: papermill_runs")
     s.add_argument("--out", default="figures", metavar="DIR", help="the report goes to DIR/<study> (default: figures)")
     s = sub.add_parser("scorecard", help="check the paper's claims against a study's results.json files (figures/<study>/scorecard.md)")
-    s.add_argument("study", help="a study folder under the runs root, e.g. smoke")
+    s.add_argument("study", nargs="?", default=None, help="a study folder under the runs root, e.g. smoke (none with --paper)")
+    s.add_argument("--paper", action="store_true", help="the self-test: every claim of the paper tested on the paper's own numbers, "
+                                                          "written to DIR/paper-self-test/scorecard.md; exit 1 unless all reproduce")
     s.add_argument("--runs-root", default="papermill_runs", metavar="DIR", help="default: papermill_runs")
     s.add_argument("--out", default="figures", metavar="DIR", help="the scorecard goes to DIR/<study> (default: figures)")
     return p
@@ -112,9 +119,16 @@ def _list(study):
     return 0
 
 def _scorecard(args):
-    from quantstudy.scorecard import write_scorecard
-    print(write_scorecard(args.study, runs_root=args.runs_root, out_root=args.out))
-    return 0
+    from quantstudy import scorecard as sc
+    if args.paper and args.study is not None: raise ValueError(f"--paper tests the paper's own numbers and takes no study (got {args.study!r})")
+    if not args.paper and args.study is None: raise ValueError("no study: name one (e.g. quantstudy scorecard smoke), or --paper for the self-test on the paper's own numbers")
+    if not args.paper:
+        print(sc.write_scorecard(args.study, runs_root=args.runs_root, out_root=args.out))
+        return 0
+    print(sc.write_paper_scorecard(args.out))
+    failed = [r["key"] for r in sc.paper_scorecard() if r["verdict"] != "reproduced"]   # a test or tolerance that contradicts the paper
+    if failed: print(f"quantstudy scorecard --paper: the paper's own numbers do not reproduce {failed}", file=sys.stderr)
+    return 1 if failed else 0
 
 def _report(args):
     from quantstudy.report import report
@@ -145,9 +159,15 @@ def _run(args):
                        progress=not args.quiet and args.jobs == 1, seeds=_seeds(args))
     status = _failures(res, args.runs_root, args.study)
     if args.command == "study": _report(args)
-    if args.reference:   # make smoke: this machine's runs against the committed reference
-        table, reproduced = runner.compare_studies(args.study, args.runs_root, args.reference)
-        print(f"\nThis machine against the reference {args.reference}/{args.study}:\n{table}")
+    if args.reference:   # make smoke: this machine's runs against the committed reference's seed distribution
+        from quantstudy.experiments import study_experiments
+        from quantstudy.reproduce import compare_studies, margin_table
+        from quantstudy.study import load_study, study_dir
+        names = args.only or study_experiments(args.study)
+        ref = load_study(study_dir(args.study, args.reference))
+        table, reproduced = compare_studies(load_study(study_dir(args.study, args.runs_root)), ref, names, _seeds(args))
+        print(f"\nThe reference's seed spread ({args.reference}/{args.study}):\n{margin_table(ref)}")
+        print(f"\nThis machine against the reference:\n{table}")
         if not reproduced: return 1
     return status
 

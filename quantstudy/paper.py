@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 # %% auto #0
 __all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'TABLE1_COLUMNS', 'PPL_CORPORA', 'TASKS', 'SEEDS', 'NUM_FEWSHOT', 'GRANULARITY',
-           'ROW_LABELS', 'FIG12B_RUNS', 'TABLES', 'FIGURES', 'ANALYSIS_FIGURES', 'PAPER', 'row_label', 'curve_label',
-           'TableLayout', 'FigureLayout', 'AnalysisLayout', 'feeds']
+           'ROW_LABELS', 'FIG12B_RUNS', 'TABLES', 'FIGURES', 'ANALYSIS_FIGURES', 'PAPER', 'PPL_TABLES',
+           'STATED_OUTCOMES', 'FINDINGS', 'STATEMENTS', 'row_label', 'curve_label', 'TableLayout', 'FigureLayout',
+           'AnalysisLayout', 'feeds', 'Statement', 'mean_log_ppl']
 
 # %% ../nbs/00b_paper.ipynb #37242d88
 CITE = "Chitsaz et al. 2024"
@@ -187,3 +188,63 @@ PAPER = {  # table number -> experiment -> numbers, as printed in Chitsaz et al.
          "ptq-a8-tensor": (70.07, 58.45, 64.99, 149.35), "ptq-a8-channel": (40.09, 34.44, 35.43, 44.37)},
     "12b": {},   # beyond the paper: no published numbers
 }
+
+# %% ../nbs/00b_paper.ipynb #d22fe47e
+PPL_TABLES = (2, 3, 4, 5, 10, 11)    # the perplexity tables: four corpora per run
+STATED_OUTCOMES = (None, "diverged", "converged")
+FINDINGS = (None, "about", "worse", "better", "early", "holds")
+
+@dataclass(frozen=True)
+class Statement:
+    "A finding the paper states in words: the run's `outcome`, its `finding` against run `than`, the place (`where`) and a short `quote`."
+    where: str
+    quote: str
+    outcome: str | None = None   # how the run ended, by the text: "diverged" or "converged"
+    finding: str | None = None   # "about", "worse", "better" than `than`; "early": diverges early; "holds": a figure's finding
+    than: str = "baseline"
+
+    def __post_init__(self):
+        if self.outcome not in STATED_OUTCOMES: raise ValueError(f"outcome={self.outcome!r}: use one of {STATED_OUTCOMES}")
+        if self.finding not in FINDINGS: raise ValueError(f"finding={self.finding!r}: use one of {FINDINGS}")
+
+def mean_log_ppl(name: str) -> float | None:
+    "The paper's summary of run `name`: mean log-perplexity over the four corpora of its table (nats per token), or None."
+    import math
+    for t in PPL_TABLES:
+        v = PAPER[t].get(name)
+        if v and None not in v: return sum(map(math.log, v)) / len(v)
+    return None
+
+
+# %% ../nbs/00b_paper.ipynb #296f101d
+_A4 = "as seen by the divergence behavior of per-token and per-tensor activation quantization"
+_G4 = "with 4-bit gradient quantization, training becomes highly unstable or completely fails to converge"
+_V8 = "the quantized model failed to converge smoothly throughout training, even when applying per-channel quantization with 8 bits"
+STATEMENTS = {   # experiment (or figure) -> what the paper says of it in words, where no table holds the number
+    "a4-tensor": Statement("sec. 4.2, Fig. 7", _A4, "diverged"),
+    "a4-token": Statement("sec. 4.2, Fig. 7", _A4, "diverged"),
+    "a4-token-asym": Statement("sec. 4.2, Fig. 7", "while the asymmetric scheme provides an improvement over 4-bit per-token "
+                               "symmetric quantization, the model still diverges", "diverged", "better", than="a4-token"),
+    "a4-channel": Statement("sec. 4.2, Fig. 8", "this variant does converge, even though it fails to be competitive with the "
+                            "floating-point baseline", "converged", "worse"),
+    "g4-tensor": Statement("sec. 4.3, Fig. 9", _G4, "diverged"),
+    "g4-token": Statement("sec. 4.3, Fig. 9", _G4, "diverged"),
+    "g8-tensor": Statement("sec. 4.3, Fig. 9", "non-convergence for 4-bit and 8-bit per-tensor quantization", "diverged"),
+    "g8-token-input": Statement("sec. 4.3, Fig. 10", "quantizing activation gradients in the initial training stages leads to an "
+                                "explosion in the validation loss, followed by divergence", "diverged", "early"),
+    "m4-tensor": Statement("sec. 4.4, Fig. 11", "only per-tensor quantization to 4 bits failed to converge out of all tested configurations", "diverged"),
+    "v8-tensor": Statement("sec. 4.4, Fig. 12", _V8, "diverged"),
+    "v8-channel": Statement("sec. 4.4, Fig. 12", _V8, "diverged"),
+    "w8a8": Statement("sec. 4.5, Fig. 13", "quantizing both weights and activations to 8-bit allows performance to closely align "
+                      "with the baseline model", finding="about"),
+    "w8a8g8": Statement("sec. 4.5, Fig. 13", "extending quantization to include gradients results in a notable decrease in performance",
+                        finding="worse"),
+    "fig2": Statement("sec. 3.3, Fig. 2", "the majority of the memory at peak times is consumed by activations, particularly with "
+                      "large batch sizes and sequence lengths", finding="holds"),
+    "fig3": Statement("sec. 3.3, Fig. 3", "for small sequence lengths, linear layers consume a significant portion (more than 80%) "
+                      "of the execution time [...] as sequence lengths increase, the proportion of time spent in linear layers "
+                      "decreases", finding="holds"),
+    "fig5": Statement("sec. 4.1, Fig. 5", "all quantized models converge to sharper minima compared to the floating-point, "
+                      "unquantized baseline", finding="holds"),
+}
+

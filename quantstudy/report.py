@@ -4,18 +4,21 @@
 
 # %% ../nbs/10_report.ipynb #a02c7819
 from __future__ import annotations
-import csv, io, json, math, warnings
+import csv, io, json, math, statistics
+from dataclasses import dataclass
 from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib import ticker
 from .paper import (ANALYSIS_FIGURES, CITE, FIGURES, PAPER, PPL_COLUMNS, TABLE1_COLUMNS, TABLES, TASK_COLUMNS,
                               FigureLayout, TableLayout, curve_label, row_label)
-from .rundir import Results, RunDir, Status, write_text
+from .rundir import Results, Status, write_text
+from .study import DIVERGE_NATS, Study, Summary, evaluated, final_loss, load_study, study_dir, summarize, val_curve
 
 # %% auto #0
-__all__ = ['DPI', 'AUTHORS_DEFAULTS', 'SETTINGS', 'curve_style', 'load_results', 'run_state', 'val_curve', 'evaluated',
-           'divergence_note', 'row_values', 'table_rows', 'paper_cells', 'render_table', 'protocol_notes',
-           'plot_validation', 'plot_tasks', 'render_table1', 'plot_analyses', 'quant_label', 'render_summary', 'report']
+__all__ = ['STATS', 'DPI', 'AUTHORS_DEFAULTS', 'SETTINGS', 'curve_style', 'run_state', 'outcome_detail', 'divergence_note',
+           'row_values', 'TableRow', 'seed_row', 'table_rows', 'paper_cells', 'render_table', 'protocol_notes',
+           'mean_curve', 'plot_validation', 'plot_tasks', 'render_table1', 'plot_analyses', 'quant_label',
+           'render_summary', 'report']
 
 # %% ../nbs/10_report.ipynb #ab854901
 _COLORS = {"4": "tab:red", "8": "tab:blue"}                     # colour: bits
@@ -32,47 +35,60 @@ def curve_style(name: str) -> tuple[str, str]:
     return _COLORS.get(bits.split()[0] if bits else "", "tab:gray"), _STYLES.get(gran, "-")
 
 # %% ../nbs/10_report.ipynb #e9520db4
-def load_results(study_dir) -> dict[str, Results]:
-    "Experiment name -> the `Results` of `<study_dir>/*/results.json` (missing ones absent, unreadable ones `failed`, with why)."
-    out = {}
-    for p in sorted(Path(study_dir).glob("*/results.json")):
-        try: r = RunDir(p.parent).results()
-        except (OSError, ValueError) as e:   # a damaged file, or another schema: named, and the other runs still reported
-            warnings.warn(f"unreadable {p}: {e}")
-            r = Results(study=Path(study_dir).name, experiment=p.parent.name, reason=f"unreadable results.json: {e}")
-        if r.experiment in out: warnings.warn(f"{p}: a second results.json for {r.experiment!r}; keeping the first")
-        else: out[r.experiment] = r
-    return out
-
 def run_state(r: Results | None) -> str | None:
-    "What replaces a run's numbers: `not run`, `failed`, `diverged@<step>`; None for a complete run."
+    "The word that replaces a run's numbers: `not run`, `failed`, `diverged@<step>`, `not evaluated`; None for a run with numbers."
     if r is None: return "not run"
-    if r.status == Status.COMPLETE: return None
-    return f"diverged@{r.step}" if r.status == Status.DIVERGED else "failed"
-
-def val_curve(r: Results | None) -> tuple[list, list]:
-    "(steps, losses) of the validation curve, finite points only."
-    pts = [(p["step"], p["loss"]) for p in (r.curves.get("val") if r else None) or []
-           if isinstance(p.get("loss"), (int, float)) and math.isfinite(p["loss"])]
-    return [s for s, _ in pts], [l for _, l in pts]
-
-def evaluated(r: Results | None) -> bool:
-    "Whether a run has numbers: it completed, or diverged and was evaluated at its last finite checkpoint."
-    return run_state(r) is None or bool(r and r.evaluated_checkpoint and r.metrics)
-
-def divergence_note(name: str, r: Results | None) -> str | None:
-    "The footnote of a run that diverged but was evaluated (the paper's protocol), else None."
-    if not r: return None
-    d = r.divergence or {}
-    if r.status == Status.COMPLETE and d:
-        return (f"`{name}`: diverged at step {d.get('step', '?')} ({' '.join(str(d.get('reason')).split())[:120]}); "
-                f"trained on to step {r.step} and evaluated there, as the paper trains every run to the end")
-    if r.evaluated_checkpoint and r.metrics:
-        return f"`{name}`: stopped at step {r.step}: {_reason(r)}"
-    return None
+    if evaluated(r): return None
+    if r.status == Status.FAILED: return "failed"
+    if r.status == Status.DIVERGED: return f"diverged@{(r.divergence or {}).get('step', r.step)}"
+    return "not evaluated"
 
 def _reason(r: Results) -> str:
     return " ".join(str(r.reason or "no reason given").split())[:200]
+
+def _steps(steps: list) -> str:
+    "`step 75`, `steps 75, 100`; the first six, then `...`."
+    return f"step{'s' if len(steps) > 1 else ''} " + ", ".join(map(str, steps[:6])) + (", ..." if len(steps) > 6 else "")
+
+def _seeds(seeds: list) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} " + ", ".join(map(str, seeds))
+
+def outcome_detail(study: Study, name: str, seed: int = 0) -> str:
+    "Why seed `seed` of `name` ended as `study.outcome` says: its spikes, the divergence and why, the failure; '' if complete."
+    r, outcome = study.get(name, seed), study.outcome(name, seed)
+    d = (r.divergence or {}) if r else {}
+    if outcome == "unstable":
+        spikes = [p["step"] for p in d.get("spikes") or []]
+        return f"spikes at {_steps(spikes)}" if spikes else f"above the bound at step {d.get('step', '?')}"
+    if outcome == "diverged" and r.status != Status.DIVERGED:   # the study's rule: finite, but far above its baseline
+        loss, ref = final_loss(r), final_loss(study.get("baseline", seed))
+        return f"final val loss {loss:.2f}, {loss - ref:.2f} nats above the baseline of seed {seed} (more than {DIVERGE_NATS:g})"
+    if outcome == "diverged": return f"at step {d.get('step', r.step)}: {_reason(r)}"
+    return _reason(r) if outcome == "failed" else ""
+
+# %% ../nbs/10_report.ipynb #6afa9e75
+def _grouped(study: Study, name: str, details: bool = True) -> str:
+    "The outcomes of `name`'s seeds, grouped: `seeds 0, 1 unstable (spikes at steps 75, 100), seed 2 complete`; a row of one seed names none."
+    groups, many = {}, len(study.seeds(name)) > 1
+    for s, o in study.outcomes(name).items(): groups.setdefault(o, []).append(s)
+    parts = []
+    for o, seeds in groups.items():
+        why = {s: d for s in seeds if (d := outcome_detail(study, name, s))} if details else {}
+        text = "; ".join(dict.fromkeys(why.values())) if len(set(why.values())) <= 1 else "; ".join(f"seed {s}: {d}" for s, d in why.items())
+        parts.append((f"{_seeds(seeds)} " if many else "") + o + (f" ({text})" if text else ""))
+    return ", ".join(parts)
+
+def divergence_note(study: Study, name: str) -> str | None:
+    "The footnote of a row whose seeds did not all complete and have numbers: each outcome with why, and the seeds left out; else None."
+    rs = {s: study.get(name, s) for s in study.seeds(name)}
+    left = [s for s, r in rs.items() if not evaluated(r)]
+    used = [s for s in rs if s not in left]
+    if not rs or (not left and set(study.outcomes(name).values()) == {"complete"}): return None
+    note = f"`{name}`: {_grouped(study, name)}"
+    if any(study.outcome(name, s) != "complete" for s in used):   # the paper's protocol: every run is trained to the end and evaluated
+        note += f"; trained on to step {max(rs[s].step for s in used)} and evaluated there"
+    if used and left: note += f"; {_seeds(left)} left out of the cells (no numbers)"
+    return note
 
 # %% ../nbs/10_report.ipynb #3870e738
 def _fmt(x) -> str:
@@ -90,7 +106,7 @@ def _task_entry(r: Results, task: str):
     return "not evaluated"
 
 def row_values(r: Results, kind: str) -> list:
-    "Numbers of a complete run for a `ppl` or `tasks` table; a `str` is the reason a cell is empty."
+    "Numbers of one evaluated run for a `ppl` or `tasks` table; a `str` is the reason a cell is empty."
     if kind == "ppl":
         ppl = r.metrics.get("perplexity") or {}
         return [ppl[k] if isinstance(ppl.get(k), (int, float)) else "not evaluated" for k in PPL_COLUMNS]
@@ -98,22 +114,49 @@ def row_values(r: Results, kind: str) -> list:
     nums = [v for v in vals if not isinstance(v, str)]
     return vals + [sum(nums) / len(nums) if nums else "no task evaluated"]
 
-def table_rows(layout: TableLayout, results: dict) -> tuple[list[list[str]], list[str]]:
-    "Our cells of `layout` (#bit, granularity, metrics..., experiment) and the footnotes they need."
+# %% ../nbs/10_report.ipynb #aaacb847
+def _summary(nums: list) -> Summary:
+    "`summarize`, except that an infinite or NaN value makes the mean one too (a perplexity can be inf)."
+    if all(math.isfinite(x) for x in nums): return summarize(nums)
+    return Summary(sum(nums) / len(nums), math.nan, min(nums), max(nums), len(nums))
+
+@dataclass
+class TableRow:
+    "A row of experiment `name`: `values` (seed -> a number or the `str` why not, per column) of its seeds with numbers, the seeds `ran`."
+    name: str
+    values: dict
+    ran: list
+    k: int                 # columns
+    state: str = "not run"   # the word in every cell when no seed has numbers
+
+    @property
+    def cells(self) -> list:
+        "Per column, the `Summary` over the seeds with a number, else the `str` that replaces it."
+        if not self.values: return [self.state] * self.k
+        cols = zip(*self.values.values())
+        return [_summary(nums) if (nums := [v for v in c if not isinstance(v, str)]) else next(v for v in c if isinstance(v, str)) for c in cols]
+
+def seed_row(study: Study, name: str, values, k: int) -> TableRow:
+    "The `TableRow` of `name`: `values(r)` of each of its seeds with numbers; the words of those without, for a row with none."
+    rs = {s: study.get(name, s) for s in study.seeds(name)}
+    state = ", ".join(dict.fromkeys(run_state(r) for r in rs.values() if not evaluated(r))) or "not run"
+    return TableRow(name, {s: values(r) for s, r in rs.items() if evaluated(r)}, list(rs), k, state)
+
+# %% ../nbs/10_report.ipynb #d3ca1247
+def table_rows(layout: TableLayout, study: Study) -> tuple[list[TableRow], list[str]]:
+    "Our rows of `layout`, in the paper's order, and the footnotes they need (outcomes, absent metrics)."
     rows, skipped, notes = [], {}, []
     for name in layout.rows:
-        r, state = results.get(name), run_state(results.get(name))
-        if (note := divergence_note(name, r)): notes.append(note)
-        if evaluated(r):
-            vals = row_values(r, layout.kind)
-            for col, v in zip(layout.columns, vals):
-                if isinstance(v, str): skipped.setdefault((col, v), []).append(name)
-            cells = ["-" if isinstance(v, str) else _fmt(v) for v in vals]
-        else:
-            cells = [state] * len(layout.columns)
-            if r is not None and r.status != Status.COMPLETE: notes.append(f"`{name}`: {state}: {_reason(r)}")
-        rows.append([*row_label(name), *cells, name])
-    notes += [f"`-` {col}, {', '.join(f'`{n}`' for n in names)}: {why}" for (col, why), names in skipped.items()]
+        row = seed_row(study, name, lambda r: row_values(r, layout.kind), len(layout.columns))
+        if (note := divergence_note(study, name)): notes.append(note)
+        for i, col in enumerate(layout.columns):
+            got = {s: v[i] for s, v in row.values.items()}
+            for why in dict.fromkeys(v for v in got.values() if isinstance(v, str)):
+                missing = [s for s, v in got.items() if v == why]
+                if len(missing) == len(got): skipped.setdefault((col, why), []).append(f"`{name}`")
+                else: notes.append(f"{col}, `{name}`: {_seeds(missing)} {why}; the cell is the other seeds' (n={len(got) - len(missing)})")
+        rows.append(row)
+    notes += [f"`-` {col}, {', '.join(names)}: {why}" for (col, why), names in skipped.items()]
     return rows, notes
 
 # %% ../nbs/10_report.ipynb #30b78450
@@ -123,6 +166,40 @@ def paper_cells(layout: TableLayout, name: str) -> list[str]:
     return ["n/a"] * len(layout.columns) if row is None else [_fmt(v) for v in row]
 
 # %% ../nbs/10_report.ipynb #476b08b3
+STATS = ("mean", "sd", "min", "max", "n")   # a CSV's columns per metric
+
+def _md_cells(row: TableRow) -> list[str]:
+    "`35.12 ± 0.41` over several seeds, `35.12` over one, `(n=2)` where a column has fewer seeds than its row; the word otherwise."
+    n = len(row.values)
+    def one(c):
+        if isinstance(c, str): return c if not n else "-"   # a row without numbers: its state; else a metric it lacks
+        return _fmt(c.mean) + (f" ± {_fmt(c.sd)}" if c.n > 1 else "") + (f" (n={c.n})" if c.n < n else "")
+    return [one(c) for c in row.cells]
+
+def _csv_cells(row: TableRow) -> list[str]:
+    "Per column: mean, sd (empty for one seed), min, max, n; the word in `mean` where there is no number."
+    out = []
+    for c in row.cells:
+        if isinstance(c, str): out += [c if not row.values else "-", "", "", "", "0"]
+        else: out += [_fmt(c.mean), _fmt(c.sd) if c.n > 1 else "", _fmt(c.lo), _fmt(c.hi), str(c.n)]
+    return out
+
+def _seeds_cell(row: TableRow) -> str:
+    n = len(row.values)
+    return "-" if not row.ran else str(n) if n == len(row.ran) else f"{n} of {len(row.ran)}"
+
+def _tables(head: list[str], labels: list[list[str]], rows: list[TableRow], cols, paper=None) -> tuple[str, str]:
+    "The Markdown table (a `seeds` column if a row has several; `ours / paper` with `paper`) and the CSV text of `rows`."
+    many = any(len(r.ran) > 1 for r in rows)
+    md = [_md_cells(r) for r in rows]
+    if paper is not None: md = [[f"{a} / {b}" for a, b in zip(c, p)] for c, p in zip(md, paper)]
+    md_rows = [[*l, *c, *([_seeds_cell(r)] if many else []), r.name] for l, c, r in zip(labels, md, rows)]
+    text = _md_table([*head, *cols, *(["seeds"] if many else []), "experiment"], md_rows, right=[*cols, "seeds"])
+    csv_head = [*head, *(f"{c} {s}" for c in cols for s in STATS), *(f"{c} (paper)" for c in (cols if paper else ())), "seeds", "experiment"]
+    csv_rows = [[*l, *_csv_cells(r), *(p or ()), " ".join(map(str, r.values)), r.name] for l, r, p in zip(labels, rows, paper or [None] * len(rows))]
+    return text, _csv(csv_head, csv_rows)
+
+# %% ../nbs/10_report.ipynb #e5c79ab1
 def _md_table(header: list[str], rows: list[list[str]], right=()) -> str:
     "A Markdown table; the columns named in `right` are right-aligned."
     esc = lambda s: str(s).replace("|", "\\|")
@@ -135,54 +212,51 @@ def _csv(header: list[str], rows: list[list[str]]) -> str:
     w.writerows([header, *rows])
     return buf.getvalue()
 
-def _study_line(study: str, results: dict, what: str) -> str:
-    presets = sorted({str(r.preset) for r in results.values() if r.preset})
-    ps = f"preset {', '.join(f'`{p}`' for p in presets)}" if presets else "no runs found"
-    if study == "paper": return f"Study `paper` ({ps}): each cell is **ours / paper** ({CITE}, {what})."
-    return (f"Study `{study}` ({ps}): our numbers only. The paper's numbers ({CITE}, {what}; GPT-2 124M, 300k steps) "
-            "are not comparable at this scale and are not shown.")
+def _study_line(study: Study, what: str) -> str:
+    presets = sorted({str(r.preset) for r in study.all() if r.preset})
+    ps = f"preset {', '.join(f'`{p}`' for p in presets)}" if presets else "no preset recorded" if len(study) else "no runs found"
+    seeds = sorted({s for n in study.runs for s in study.seeds(n)})
+    many = "" if len(seeds) < 2 else (f" Training {_seeds(seeds)}: each cell is the mean over the seeds with numbers ± their sample sd, "
+                                     "the `seeds` column counts them; the CSV has mean, sd, min, max and n per metric.")
+    if study.name == "paper": return f"Study `paper` ({ps}): each cell is **ours / paper** ({CITE}, {what}).{many}"
+    return (f"Study `{study.name}` ({ps}): our numbers only. The paper's numbers ({CITE}, {what}; GPT-2 124M, 300k steps) "
+            f"are not comparable at this scale and are not shown.{many}")
 
-def render_table(layout: TableLayout, results: dict, study: str) -> tuple[str, str]:
-    "Markdown and CSV text of one table."
-    rows, notes = table_rows(layout, results)
-    cols, k = layout.columns, len(layout.columns)
-    header = ["#bit", "granularity", *cols, "experiment"]
-    if study == "paper":
-        paper = [paper_cells(layout, r[-1]) for r in rows]
-        md_rows = [[*r[:2], *(f"{a} / {b}" for a, b in zip(r[2:2 + k], p)), r[-1]] for r, p in zip(rows, paper)]
-        csv_rows = [[*r[:-1], *p, r[-1]] for r, p in zip(rows, paper)]
-        csv_header = [*header[:-1], *(f"{c} (paper)" for c in cols), "experiment"]
-        if any(PAPER[layout.number].get(r[-1]) is None for r in rows): notes.append("`n/a`: the paper has no such row.")
-        if layout.number == 11: notes.append("The paper's `-` (4-bit per-tensor) is printed as `-`.")
-    else: md_rows, csv_rows, csv_header = rows, rows, header
+def render_table(layout: TableLayout, study: Study) -> tuple[str, str]:
+    "Markdown and CSV text of one table of `study`, aggregated over its seeds."
+    rows, notes = table_rows(layout, study)
+    labels = [list(row_label(r.name)) for r in rows]
+    paper = [paper_cells(layout, r.name) for r in rows] if study.name == "paper" else None
+    if paper and any(PAPER[layout.number].get(r.name) is None for r in rows): notes.append("`n/a`: the paper has no such row.")
+    if paper and layout.number == 11: notes.append("The paper's `-` (4-bit per-tensor) is printed as `-`.")
+    table, text = _tables(["#bit", "granularity"], labels, rows, layout.columns, paper)
     what = "perplexity (`metrics.perplexity`, token-weighted)" if layout.kind == "ppl" else "accuracy in % (`metrics.tasks`); Average: over the tasks a row has"
     if layout.number in (10, 11): notes.append("`per-column` is the paper's name for per-channel PTQ (our `ptq-*-channel`).")
-    notes += protocol_notes(results, layout.kind)
-    md = (f"# Table {layout.number}: {layout.title}\n\n{_study_line(study, results, f'Table {layout.number}')}\n"
-          f"Metric: {what}.\n\n" + _md_table(header, md_rows, right=cols))
+    notes += protocol_notes(study, layout.kind)
+    md = f"# Table {layout.number}: {layout.title}\n\n{_study_line(study, f'Table {layout.number}')}\nMetric: {what}.\n\n" + table
     if notes: md += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in notes)
-    return md, _csv(csv_header, csv_rows)
+    return md, text
 
 # %% ../nbs/10_report.ipynb #ad0d8a5d
 _FLOORS_NOTE = ("scale floors (the authors' `minimum_range`): max|x| >= 1e-5 for weights and activations, 1e-9 for gradients, "
                 "1e-8 for optimizer states")
 
-def _values(results: dict, get) -> list:
+def _values(study: Study, get) -> list:
     "The distinct values `get(config)` takes over the runs' configurations (errors and None skipped), in order."
     out = []
-    for r in results.values():
+    for r in study.all():
         try: v = get(r.config)
         except (KeyError, TypeError, AttributeError, IndexError): v = None
         if v is not None and v not in out: out.append(v)
     return out
 
 # %% ../nbs/10_report.ipynb #5ca77445
-def protocol_notes(results: dict, kind: str) -> list[str]:
+def protocol_notes(study: Study, kind: str) -> list[str]:
     "Footnotes that state how the numbers were measured: the texts, the seeds and their spread, the split, the floors, which moments."
     notes = []
     if kind == "ppl":
         texts = {}
-        for r in results.values():
+        for r in study.all():
             for k, t in (r.metrics.get("perplexity_text") or {}).items(): texts.setdefault(k, t)
         src = lambda k, default: texts.get(k, {}).get("source", default)
         notes.append("Texts (the authors' protocol): the test sets' hub rows joined with `\\n\\n`, scored in non-overlapping "
@@ -195,49 +269,85 @@ def protocol_notes(results: dict, kind: str) -> list[str]:
                       "(`news.en.heldout-00000-of-00050`, see `shared/data/1bw/PROVENANCE.md`); the hub's `lm1b` test split is the "
                       "standard one, so only a hub run is comparable with the paper's 1BW column.")
     else:
-        seeds = _values(results, lambda c: tuple(c["evals"]["downstream"]["seeds"]))
+        seeds = _values(study, lambda c: tuple(c["evals"]["downstream"]["seeds"]))
         notes.append(f"Downstream: 5-shot lm-eval accuracy, the mean over few-shot seeds {'; '.join(', '.join(map(str, s)) for s in seeds) or '-'} "
                      "(the authors average 5 seeds: 42, 1234, 1337, 2024, 1357); the spread kept in results.json (`std`) is the "
                      "population standard deviation (ddof=0, the authors' `np.std`). A task skipped offline (no faithful local data) "
                      "is `-` with its reason below, and the Average is over the tasks a row has.")
-    moments = _values(results, lambda c: "embeddings too" if ((c["recipe"] or {}).get("optim") or {}).get("embeddings") else None)
+    moments = _values(study, lambda c: "embeddings too" if ((c["recipe"] or {}).get("optim") or {}).get("embeddings") else None)
     notes.append("Training: Adam's moments, where quantized, on the linear layers' weights only (the tied embedding/LM head and "
                  f"the position embedding keep fp32 moments{'; runs marked `_emb`: ' + moments[0] if moments else ''}); "
                  + _FLOORS_NOTE + ".")
-    split = _values(results, lambda c: (c["train"].get("val_fraction"), c["train"].get("val_seed"))
+    split = _values(study, lambda c: (c["train"].get("val_fraction"), c["train"].get("val_seed"))
                     if c["train"].get("corpus", "").startswith("openwebtext") else None)
     if split:
         shown = "; ".join(f"{100 * (f if f is not None else 0.005):g}% held out, seed {s if s is not None else 2345}" for f, s in split)
         notes.append(f"OpenWebText validation split: {shown} (the paper's text says 0.5%; the authors' code holds out 0.05%, seed 2345).")
-    stop = _values(results, lambda c: c["train"].get("stop_on_divergence"))
-    if False in stop: notes.append("Divergent runs trained on to `max_steps` and were evaluated, as in the paper (their divergence step is noted).")
-    if True in stop: notes.append("Runs of a preset with early stopping (`stop_on_divergence`) stop at a divergence and are not evaluated.")
+    stop = _values(study, lambda c: c["train"].get("stop_on_divergence"))
+    if False in stop: notes.append("Every run trained on to `max_steps`, through any divergence, and was evaluated, as in the paper: "
+                                   "`unstable` runs (validation spikes above the bound, finite to the end) keep their numbers, "
+                                   "`diverged` ones (non-finite, or a final loss above ln|V| or more than "
+                                   f"{DIVERGE_NATS:g} nat above the same seed's baseline) are evaluated at their last finite checkpoint; both are noted.")
+    if True in stop: notes.append("Runs trained with `stop_on_divergence` (an override now; the smoke preset once set it) stopped at their first divergence and were not evaluated.")
     return notes
 
 # %% ../nbs/10_report.ipynb #31b8f324
 DPI = 110
 _PNG_META = {"Software": None}
+_MARKED = ("unstable", "diverged")   # outcomes whose seeds are marked in a figure
 
-def _footer(fig: Figure, lines: list[str]):
+def _footer(fig: Figure, lines: list[str]) -> int:
+    "Write the non-empty `lines` at the bottom of `fig`; how many."
     lines = [l for l in lines if l]
     if lines: fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, va="bottom", ha="left", color="0.3", wrap=True)
+    return len(lines)
 
-def plot_validation(layout: FigureLayout, results: dict, path, study: str = "") -> Path:
-    "Validation loss against step for the baseline and `layout.runs`, saved as PNG at `path`."
+def mean_curve(curves: list) -> tuple[list, list, list, list]:
+    "Steps, mean, min and max over the seeds' `(steps, losses)` curves, at every step some seed evaluated."
+    at = {}
+    for steps, losses in curves:
+        for s, l in zip(steps, losses): at.setdefault(s, []).append(l)
+    steps = sorted(at)
+    return steps, [statistics.fmean(at[s]) for s in steps], [min(at[s]) for s in steps], [max(at[s]) for s in steps]
+
+def _legend(name: str, outcomes: dict, drawn: int | None = None) -> str:
+    "`4 bit per-tensor (n=3: 2 unstable, 1 complete)`, `baseline (n=3)`, `n=2 of 3` with `drawn` of them in the mean; one seed: `(unstable)`."
+    if not outcomes: return f"{curve_label(name)} (not run)"
+    counts = {o: list(outcomes.values()).count(o) for o in dict.fromkeys(outcomes.values())}
+    what = "" if set(counts) == {"complete"} else ", ".join(f"{k} {o}" if len(outcomes) > 1 else o for o, k in counts.items())
+    if len(outcomes) == 1: return curve_label(name) + (f" ({what})" if what else "")
+    n = len(outcomes) if drawn is None else drawn
+    return f"{curve_label(name)} (n={n}" + ("" if n == len(outcomes) else f" of {len(outcomes)}") + (f": {what})" if what else ")")
+
+def _marks(r: Results, outcome: str, steps: list) -> list[int]:
+    "Indices into `steps` of a seed's spikes; a diverged seed without a finite spike: its last point."
+    spiked = {p["step"] for p in (r.divergence or {}).get("spikes") or []}
+    at = [i for i, s in enumerate(steps) if s in spiked]
+    return at or ([len(steps) - 1] if outcome == "diverged" else [])
+
+# %% ../nbs/10_report.ipynb #9556f700
+def plot_validation(layout: FigureLayout, study: Study, path) -> Path:
+    "Validation loss against step for the baseline and `layout.runs`: the mean over seeds in a min-max band, spikes marked; a PNG at `path`."
     fig = Figure(figsize=(7.5, 4.6), dpi=DPI)
     ax = fig.add_subplot()
-    lo, hi = math.inf, 0.0
+    lo, hi, band, thin, marked = math.inf, 0.0, False, False, False
     for name in ("baseline", *layout.runs):
-        r, state = results.get(name), run_state(results.get(name))
-        color, ls = curve_style(name)
-        steps, losses = val_curve(r)
-        label = curve_label(name) + ("" if state is None else f" ({state})")
-        if r is None or not steps:
-            ax.plot([], [], ls="none", label=label + ("" if r is None else ": no validation points"))
+        outcomes, (color, ls) = study.outcomes(name), curve_style(name)
+        # a failed seed's partial curve is left out of the mean, as its numbers are left out of the tables
+        curves = {s: c for s, o in outcomes.items() if o != "failed" and (c := val_curve(study.get(name, s)))[0]}
+        if not curves:
+            ax.plot([], [], ls="none", label=_legend(name, outcomes) + (": no validation points" if outcomes else ""))
             continue
-        stopped = dict(marker="x", markevery=[len(steps) - 1], ms=10, mew=2.5) if state is not None else {}
-        ax.plot(steps, losses, color=color, ls=ls, lw=2.2 if name == "baseline" else 1.5, label=label, **stopped)
-        lo, hi = min(lo, *losses), max(hi, *losses)
+        steps, mean, low, high = mean_curve(curves.values())
+        ax.plot(steps, mean, color=color, ls=ls, lw=2.2 if name == "baseline" else 1.5, label=_legend(name, outcomes, len(curves)))
+        if len(curves) > 1: ax.fill_between(steps, low, high, color=color, alpha=0.15, lw=0); band = True
+        differ = len(set(outcomes.values())) > 1
+        for s, (xs, ys) in curves.items():
+            if outcomes[s] not in _MARKED: continue
+            if differ: ax.plot(xs, ys, color=color, lw=0.8, alpha=0.7); thin = True   # a seed that ended unlike the others: solid, thin
+            at = _marks(study.get(name, s), outcomes[s], xs)
+            ax.plot([xs[i] for i in at], [ys[i] for i in at], ls="none", marker="x", color=color, ms=8, mew=2); marked |= bool(at)
+        lo, hi = min(lo, *low), max(hi, *high)
     if 0 < lo and hi / lo > 2.5:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
@@ -245,42 +355,45 @@ def plot_validation(layout: FigureLayout, results: dict, path, study: str = "") 
     ax.set(title=f"Fig. {layout.number}: {layout.topic} (validation loss)", xlabel="step",
            ylabel="validation loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper right")
-    _footer(fig, [f"study {study}" if study else "", "x: run stopped here (diverged or failed)"])
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    ax.legend(fontsize=8, loc="best")   # out of the way of the spikes, where it can be
+    n = _footer(fig, [f"study {study.name}", "line: the mean over an experiment's seeds at each step (finite losses; failed seeds left out); band: min-max over those seeds" if band else "",
+                      "thin solid line: an unstable or diverged seed of an experiment whose seeds ended differently" if thin else "",
+                      "x: a validation spike above the divergence bound (unstable or diverged seed), or a diverged seed's last point" if marked else ""])
+    fig.tight_layout(rect=(0, 0.02 + 0.028 * n, 1, 1))
     fig.savefig(path, format="png", metadata=_PNG_META)
     return Path(path)
 
 # %% ../nbs/10_report.ipynb #95ab6b53
-def plot_tasks(layout: FigureLayout, results: dict, path, study: str = "") -> Path:
-    "Downstream accuracy per task (percent), one bar per experiment with task numbers, saved as PNG at `path`."
+def plot_tasks(layout: FigureLayout, study: Study, path) -> Path:
+    "Downstream accuracy per task (percent): one bar per experiment, the mean over its seeds with ±sd error bars; a PNG at `path`."
     fig = Figure(figsize=(11, 4.6), dpi=DPI)
     ax = fig.add_subplot()
-    bars, absent = {}, {}
+    names, bars, absent = [*TASK_COLUMNS.values(), "Average"], {}, {}
     for name in ("baseline", *layout.runs):
-        r, state = results.get(name), run_state(results.get(name))
-        vals = {} if not evaluated(r) else dict(zip([*TASK_COLUMNS.values(), "Average"], row_values(r, "tasks")))
-        if not vals or all(isinstance(v, str) for v in vals.values()): absent.setdefault(state or "no task evaluated", []).append(name)
-        else: bars[name] = vals
-    notes = [f"{state}: {', '.join(names)}" for state, names in absent.items()]
-    cols = [c for c in [*TASK_COLUMNS.values(), "Average"] if any(not isinstance(v[c], str) for v in bars.values())]
-    for c in [*TASK_COLUMNS.values()]:
-        why = sorted({v[c] for v in bars.values() if isinstance(v[c], str)})
-        if why: notes.append(f"{c} absent for {', '.join(n for n, v in bars.items() if isinstance(v[c], str))}: {'; '.join(why)}")
-    width = 0.8 / max(len(bars), 1)
-    for i, (name, vals) in enumerate(bars.items()):
-        xs = [j + (i - (len(bars) - 1) / 2) * width for j, c in enumerate(cols) if not isinstance(vals[c], str)]
-        ys = [vals[c] for c in cols if not isinstance(vals[c], str)]
+        row = seed_row(study, name, lambda r: row_values(r, "tasks"), len(names))
+        vals = dict(zip(names, row.cells))
+        if not row.values or all(isinstance(v, str) for v in vals.values()): absent.setdefault(row.state if not row.values else "no task evaluated", []).append(name)
+        else: bars[name] = (vals, len(row.values))
+    notes = [f"{state}: {', '.join(n)}" for state, n in absent.items()]
+    cols = [c for c in names if any(not isinstance(v[c], str) for v, _ in bars.values())]
+    for c in names[:-1]:
+        why = sorted({v[c] for v, _ in bars.values() if isinstance(v[c], str)})
+        if why: notes.append(f"{c} absent for {', '.join(n for n, (v, _) in bars.items() if isinstance(v[c], str))}: {'; '.join(why)}")
+    width, spread = 0.8 / max(len(bars), 1), any(k > 1 for _, k in bars.values())
+    for i, (name, (vals, k)) in enumerate(bars.items()):
+        got = [(j, vals[c]) for j, c in enumerate(cols) if not isinstance(vals[c], str)]
         color, ls = curve_style(name)   # colour: bits; hatch: granularity
-        ax.bar(xs, ys, width, color="0.35" if name == "baseline" else color, alpha=0.75, edgecolor="white",
-               hatch={"--": "//", "-.": "..", ":": "xx"}.get(ls, ""), label=curve_label(name))
+        ax.bar([j + (i - (len(bars) - 1) / 2) * width for j, _ in got], [s.mean for _, s in got], width,
+               yerr=[s.sd for _, s in got] if k > 1 else None, error_kw=dict(lw=0.8, capsize=2, ecolor="0.2"),
+               color="0.35" if name == "baseline" else color, alpha=0.75, edgecolor="white",
+               hatch={"--": "//", "-.": "..", ":": "xx"}.get(ls, ""), label=curve_label(name) + (f" (n={k})" if k > 1 else ""))
     ax.set_xticks(range(len(cols)), cols, rotation=20)
     ax.set(title=f"Fig. {layout.number}: {layout.topic} (downstream tasks)", ylabel="accuracy (%)", ylim=(0, 100))
     ax.grid(alpha=0.3, axis="y")
     if bars: ax.legend(fontsize=8, ncol=min(len(bars), 5), loc="upper right")
     else: ax.text(0.5, 0.5, "no run with task accuracies", ha="center", transform=ax.transAxes)
-    _footer(fig, [f"study {study}" if study else "", *notes])
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * len(notes), 1, 1))
+    n = _footer(fig, [f"study {study.name}", "bars: the mean over an experiment's seeds; error bars: ±1 sd over its seeds (n seeds in the legend)" if spread else "", *notes])
+    fig.tight_layout(rect=(0, 0.02 + 0.025 * n, 1, 1))
     fig.savefig(path, format="png", metadata=_PNG_META)
     return Path(path)
 
@@ -292,45 +405,41 @@ def _table1_values(r: Results) -> list:
     return [num(100 * lam["acc"]) if isinstance(lam.get("acc"), (int, float)) else "not evaluated", num(lam.get("ppl")),
             *(num(ppl.get(k)) for k in ("wikitext2", "wikitext103", "ptb", "lm1b"))]
 
-def render_table1(results: dict, study: str) -> tuple[str, str]:
-    "Table 1: the baseline against OpenAI's GPT-2 124M (`gpt2-openai`, the hub's `gpt2`) on the same evaluations; md and csv."
+def render_table1(study: Study) -> tuple[str, str]:
+    "Table 1: the baseline against OpenAI's GPT-2 124M (`gpt2-openai`, the hub's `gpt2`) on the same evaluations, over seeds; md and csv."
     rows, notes, layout = [], [], next(t for t in TABLES if t.kind == "table1")
     for name in layout.rows:
-        r, label = results.get(name), row_label(name)[1]
-        if evaluated(r): cells = ["-" if isinstance(v, str) else _fmt(v) for v in _table1_values(r)]
-        elif name == "gpt2-openai":
-            cells = ["not available offline" if r is None or r.status == Status.FAILED else run_state(r)] * len(TABLE1_COLUMNS)
+        row, r = seed_row(study, name, _table1_values, len(TABLE1_COLUMNS)), study.first(name)
+        if name == "gpt2-openai" and not row.values:
+            if r is None or r.status == Status.FAILED: row.state = "not available offline"
             notes.append("`gpt2-openai`: OpenAI's checkpoint comes from the hub (`gpt2`) or `<data root>/models/gpt2`; "
                          + (f"its run failed: {_reason(r)}" if r else "run `quantstudy run gpt2-openai` where either is reachable") + ".")
-        else: cells = [run_state(r)] * len(TABLE1_COLUMNS)
-        rows.append([label, *cells, name])
-    header = ["model", *TABLE1_COLUMNS, "experiment"]
-    if study == "paper":
-        paper = [[_fmt(v) for v in PAPER[1][r[-1]]] for r in rows]
-        md_rows = [[r[0], *(f"{a} / {b}" for a, b in zip(r[1:-1], p)), r[-1]] for r, p in zip(rows, paper)]
-        csv_rows, csv_header = [[*r[:-1], *p, r[-1]] for r, p in zip(rows, paper)], [*header[:-1], *(f"{c} (paper)" for c in TABLE1_COLUMNS), "experiment"]
-    else: md_rows, csv_rows, csv_header = rows, rows, header
-    notes += protocol_notes(results, "ppl")[:2]
+        elif (note := divergence_note(study, name)): notes.append(note)
+        rows.append(row)
+    paper = [[_fmt(v) for v in PAPER[1][r.name]] for r in rows] if study.name == "paper" else None
+    table, text = _tables(["model"], [[row_label(r.name)[1]] for r in rows], rows, TABLE1_COLUMNS, paper)
+    notes += protocol_notes(study, "ppl")[:2]
     md = (f"# Table 1: {layout.title}\n\n"
-          f"{_study_line(study, results, 'Table 1')}\nMetric: LAMBADA accuracy in % and perplexity (`metrics.lambada`), "
-          "perplexities (`metrics.perplexity`).\n\n" + _md_table(header, md_rows, right=TABLE1_COLUMNS))
+          f"{_study_line(study, 'Table 1')}\nMetric: LAMBADA accuracy in % and perplexity (`metrics.lambada`), "
+          "perplexities (`metrics.perplexity`).\n\n" + table)
     md += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in notes)
-    return md, _csv(csv_header, csv_rows)
+    return md, text
 
 # %% ../nbs/10_report.ipynb #5d057870
-def plot_analyses(results: dict, out_dir, study: str = "") -> list[Path]:
-    "The cross-run analysis figures (Figs. 5, 6, 8 right, 10 bottom, 12 right) from the runs' `results.json` analysis data."
+def plot_analyses(study: Study, out_dir) -> list[Path]:
+    "The cross-run analysis figures (Figs. 5, 6, 8 right, 10 bottom, 12 right) from the analysis data of each experiment's lowest seed."
     from quantstudy.analysis import ANALYSES   # torch and transformers: imported only to draw
     import matplotlib.pyplot as plt
     paths = []
     for a in ANALYSIS_FIGURES:
         if a.file is None: continue   # memory and time: one model's, drawn in its run directory
         name, file, order = a.analysis, a.file, a.runs
-        data = lambda n: (results[n].analysis.get(name) or {}).get("data")
-        runs = {n: data(n) for n in [*order, *sorted(results)] if n in results and isinstance(data(n), dict)}
+        data = lambda n: (study.first(n).analysis.get(name) or {}).get("data")   # one run per experiment: an analysis is not averaged
+        runs = {n: data(n) for n in [*order, *sorted(study.runs)] if n in study and isinstance(data(n), dict)}
         if not runs: continue
         fig = ANALYSES[name][1]({curve_label(n) if n in order else n: d for n, d in runs.items()})
-        if study: fig.text(0.01, 0.002, f"study {study}: {', '.join(runs)}", fontsize=7, color="0.3")
+        seeds = sorted({study.first(n).seed for n in runs})
+        fig.text(0.01, 0.002, f"study {study.name}: {', '.join(runs)}; each experiment's lowest training seed ({_seeds(seeds)})", fontsize=7, color="0.3")
         fig.savefig(Path(out_dir) / file, dpi=DPI, metadata=_PNG_META, bbox_inches="tight")
         plt.close(fig)
         paths.append(Path(out_dir) / file)
@@ -381,71 +490,80 @@ def _show(v) -> str:
     return json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
 
 # %% ../nbs/10_report.ipynb #38795a2c
-def _by_value(results: dict, get) -> dict[str, list[str]]:
-    "Value (as text) -> experiments that used it."
+def _by_value(study: Study, get) -> dict[str, list[str]]:
+    "Value (as text) -> experiments that used it (each once, whatever its seeds)."
     out = {}
-    for name, r in results.items():
-        cfg = r.config
-        try: v = _show(get(cfg)) if "train" in cfg else None
+    for r in study.all():
+        try: v = _show(get(r.config)) if "train" in r.config else None
         except (KeyError, TypeError, AttributeError): v = None
-        if v is not None: out.setdefault(v, []).append(name)
+        if v is not None and r.experiment not in out.get(v, []): out.setdefault(v, []).append(r.experiment)
     return dict(sorted(out.items()))
 
 def _values_text(by: dict) -> str:
     if len(by) <= 1: return next(iter(by), "-")
     return "; ".join(f"{v} ({', '.join(names)})" for v, names in by.items())
 
+def _spread(s: Summary | None) -> str:
+    "`5.20 ± 0.03 (5.17-5.23)` over seeds, `5.20` for one, `-` for none."
+    if s is None: return "-"
+    return _fmt(s.mean) if s.n == 1 else f"{_fmt(s.mean)} ± {_fmt(s.sd)} ({_fmt(s.lo)}-{_fmt(s.hi)})"
+
 # %% ../nbs/10_report.ipynb #6cf74a7f
-def render_summary(study: str, results: dict) -> str:
-    "Markdown summary of a study: one row per run, the layout's runs that are missing, the training options used."
+def render_summary(study: Study) -> str:
+    "Markdown summary of a study: one row per experiment over its seeds, the layout's experiments that are missing, the training options used."
     expected = list(dict.fromkeys(["baseline", *(n for t in TABLES for n in t.rows), *(n for f in FIGURES for n in f.runs)]))
     rows = []
-    for name in [*(n for n in expected if n in results), *sorted(set(results) - set(expected))]:
-        r = results[name]
-        steps, losses = val_curve(r)
-        rows.append([name, run_state(r) or "complete", _fmt(losses[-1]) if losses else "-", str(r.step),
-                     _duration(r.timings.get("train_seconds")), quant_label(r.config),
-                     str(r.preset or "-"), "" if r.status == Status.COMPLETE else _reason(r)])
-    missing = [n for n in expected if n not in results]
-    hw = sorted({str(r.hardware.get("gpu") or r.hardware.get("device", "?")) for r in results.values() if r.hardware})
-    commits = sorted({str(r.git_commit)[:10] for r in results.values() if r.git_commit})
-    head = ["experiment", "status", "final val loss", "steps", "train time", "quantization", "preset", "note"]
-    md = (f"# Study `{study}`: summary\n\n{len(results)} runs with results; {len(missing)} of the paper's {len(expected)} "
-          f"experiments not run. Hardware: {', '.join(hw) or '-'}. Git commits: {', '.join(commits) or '-'}.\n\n"
-          + _md_table(head, rows, right=("final val loss", "steps", "train time")))
+    for name in [*(n for n in expected if n in study), *sorted(set(study.runs) - set(expected))]:
+        rs, many = study.results(name), len(study.seeds(name)) > 1
+        steps, secs = sorted({r.step for r in rs}), summarize(r.timings.get("train_seconds") for r in rs)
+        why = [(f"seed {s}: " if many else "") + d for s in study.seeds(name) if (d := outcome_detail(study, name, s))]
+        outcomes = set(study.outcomes(name).values())   # one word where every seed ended alike
+        rows.append([name, str(len(rs)), next(iter(outcomes)) if len(outcomes) == 1 else _grouped(study, name, details=False), _spread(summarize(final_loss(r) for r in rs if r.finished)),
+                     "-".join(map(str, dict.fromkeys([steps[0], steps[-1]]))), _duration(secs.mean if secs else None),
+                     quant_label(rs[0].config), str(rs[0].preset or "-"), "; ".join(why)])
+    missing = [n for n in expected if n not in study]
+    hw = sorted({str(r.hardware.get("gpu") or r.hardware.get("device", "?")) for r in study.all() if r.hardware})
+    commits = sorted({str(r.git_commit)[:10] for r in study.all() if r.git_commit})
+    seeds = sorted({s for n in study.runs for s in study.seeds(n)})
+    head = ["experiment", "seeds", "outcome", "final val loss", "steps", "train time", "quantization", "preset", "note"]
+    md = (f"# Study `{study.name}`: summary\n\n{len(study)} runs with results ({len(study.runs)} experiments, training "
+          f"{_seeds(seeds) if seeds else 'seeds -'}); {len(missing)} of the paper's {len(expected)} experiments not run. "
+          f"Hardware: {', '.join(hw) or '-'}. Git commits: {', '.join(commits) or '-'}.\n\n"
+          "Final val loss: the mean over the seeds that finished (not `failed`) ± their sample sd (min-max); train time: the mean over seeds; outcome: "
+          f"`complete`, `unstable` (validation spikes above the divergence bound, finite to the end), `diverged` (non-finite, "
+          f"above ln|V| at the end, or more than {DIVERGE_NATS:g} nat above the same seed's baseline), `failed`.\n\n"
+          + _md_table(head, rows, right=("seeds", "final val loss", "steps", "train time")))
     if missing: md += "\nNot run: " + ", ".join(f"`{n}`" for n in missing) + ".\n"
     opts = []
     for option, (get, default) in AUTHORS_DEFAULTS.items():
-        by = _by_value(results, get)
+        by = _by_value(study, get)
         opts.append([option, _values_text(by), _show(default), "-" if not by else "yes" if set(by) == {_show(default)} else "no"])
     md += ("\n## Training recipe (`config.train`)\n\nWhere the paper is silent, the paper preset follows the authors' code. "
            "The options these runs used, against the authors' code's defaults:\n\n"
            + _md_table(["option", "used", "authors' code", "authors' default"], opts))
-    other = [[k, _values_text(_by_value(results, lambda c, k=k: c["train"].get(k)))] for k in SETTINGS]
+    other = [[k, _values_text(_by_value(study, lambda c, k=k: c["train"].get(k)))] for k in SETTINGS]
     md += "\nOther settings:\n\n" + _md_table(["setting", "used"], other)
-    protocol = list(dict.fromkeys(protocol_notes(results, "ppl") + protocol_notes(results, "tasks")))
+    protocol = list(dict.fromkeys(protocol_notes(study, "ppl") + protocol_notes(study, "tasks")))
     return md + "\n## How the numbers were measured\n\n" + "".join(f"- {n}\n" for n in protocol)
 
 # %% ../nbs/10_report.ipynb #455438bb
 def report(study: str, runs_root="papermill_runs", out_root="figures") -> list[Path]:
     "Write the figures (validation curves, the cross-run analyses), Tables 1-11 (md + csv), `summary.md` and `scorecard.md` of `runs_root/study` into `out_root/study`; return the paths."
-    from quantstudy.runner import check_name, inside
-    src = Path(runs_root) / check_name("study", study)   # a plain name: `../x` reaches neither outside runs_root nor out_root
+    src, out = study_dir(study, runs_root), study_dir(study, out_root)   # a plain name: `../x` reaches neither outside runs_root nor out_root
     if not src.is_dir(): raise FileNotFoundError(f"no results directory {src} for study {study!r}")
-    results, out = load_results(src), Path(out_root) / study
-    inside(out, out_root)
-    if not results: raise FileNotFoundError(f"no <experiment>/results.json under {src}: run the study first (quantstudy sweep {study})")
+    runs = load_study(src)
+    if not len(runs): raise FileNotFoundError(f"no <experiment>/results.json under {src}: run the study first (quantstudy sweep {study})")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for f in FIGURES:
-        paths.append(plot_validation(f, results, out / f"{f.stem}.png", study))
-        if f.tasks: paths.append(plot_tasks(f, results, out / f"{f.stem}_tasks.png", study))
-    paths += plot_analyses(results, out, study)
+        paths.append(plot_validation(f, runs, out / f"{f.stem}.png"))
+        if f.tasks: paths.append(plot_tasks(f, runs, out / f"{f.stem}_tasks.png"))
+    paths += plot_analyses(runs, out)
     for t in TABLES:
-        md, text = render_table1(results, study) if t.kind == "table1" else render_table(t, results, study)
+        md, text = render_table1(runs) if t.kind == "table1" else render_table(t, runs)
         for ext, body in (("md", md), ("csv", text)):
             write_text(out / f"{t.stem}.{ext}", body)
             paths.append(out / f"{t.stem}.{ext}")
-    write_text(out / "summary.md", render_summary(study, results))
-    from quantstudy.scorecard import write_scorecard   # here, not at the top: the scorecard reads results with this module
+    write_text(out / "summary.md", render_summary(runs))
+    from quantstudy.scorecard import write_scorecard   # here, not at the top: the scorecard imports this module
     return paths + [out / "summary.md", write_scorecard(study, runs_root, out_root)]

@@ -4,38 +4,19 @@
 
 # %% ../nbs/09_runner.ipynb #6e2958e2
 from __future__ import annotations
-import os, re, sys, time
+import os, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
 from .experiments import Experiment, get_experiment, study_experiments
 from .rundir import Results, RunDir, RunInUse, Status, canonical, config_hash, run_name
+from .study import check_name, inside, run_dir   # names and containment: the study's, read and written alike
 
 # %% auto #0
-__all__ = ['TEMPLATE', 'SAFE_NAME', 'REPRODUCE_TOLERANCE', 'PPL_TOLERANCE', 'check_name', 'inside', 'run_dir', 'record_run',
-           'check_inputs', 'run_experiment', 'summary_table', 'check_seeds', 'sweep', 'compare_runs', 'compare_studies']
+__all__ = ['TEMPLATE', 'record_run', 'check_inputs', 'run_experiment', 'summary_table', 'check_seeds', 'sweep']
 
 # %% ../nbs/09_runner.ipynb #0f30d524
 TEMPLATE = Path(str(files("quantstudy") / "templates" / "experiment.ipynb"))   # package data: an installed wheel runs it too
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-
-def check_name(kind: str, name) -> str:
-    "`name` if it is a safe directory name (letters, digits, `_`, `-`, `.`; not starting with `.`), else a one-line error."
-    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
-        raise ValueError(f"{kind} name {name!r}: use letters, digits, '_', '-' and '.' (not first), at most 100 characters")
-    return name
-
-def inside(path, root) -> Path:
-    "`path` resolved, after checking that it lies under `root` (resolved): nothing a run writes or deletes is outside it."
-    p, r = Path(path).resolve(), Path(root).resolve()
-    if p != r and r not in p.parents: raise ValueError(f"{path} resolves to {p}, outside the runs root {r}")
-    return p
-
-def run_dir(study: str, name: str, runs_root="papermill_runs", seed: int = 0) -> RunDir:
-    "The `RunDir` of experiment `name` of `study` trained with `seed`, after checking the names and that it lies under `runs_root`."
-    out = Path(runs_root) / check_name("study", study) / run_name(check_name("experiment", name), seed)
-    inside(out, runs_root)
-    return RunDir(out)
 
 # %% ../nbs/09_runner.ipynb #a1cf9eb0
 def _flat(d, prefix=""):
@@ -107,7 +88,7 @@ def run_experiment(name: str, study: str = "smoke", preset_name: str | None = No
     check_inputs(exp)
     if exp.base is not None and not run_dir(study, exp.base, runs_root, seed).is_finished():
         raise FileNotFoundError(f"{name} quantizes the trained model of {exp.base!r}, but {run_dir(study, exp.base, runs_root, seed).path} "
-                                f"has no finished results.json: run `quantstudy run {exp.base} --study {study} --seed {seed}` first")
+                                f"has no finished results.json: run `quantstudy run {exp.base} --study {study}{f' --seed {seed}' if seed else ''}` first")
     template = Path(template or TEMPLATE)
     if not template.exists(): raise FileNotFoundError(f"the template notebook {template} is missing (reinstall quantstudy)")
     with rd.lock():   # one writer from here on
@@ -242,43 +223,3 @@ def _sweep_submitit(first, later, runs, cluster, slurm, kw):
         try: results[k] = j.result()
         except Exception as e: results[k] = _failed_to_start(*runs[k], e)
     return results
-
-# %% ../nbs/09_runner.ipynb #8b08edba
-REPRODUCE_TOLERANCE = 0.02   # nats of final validation loss; measured AVX2 vs AVX-512 kernels (g8-token): 1.7e-4
-PPL_TOLERANCE = 0.05         # nats of log-perplexity, out-of-domain texts move more; measured there: 0.012
-
-def _log_ppl(r: Results) -> dict:
-    import math
-    return {k: math.log(v) for k, v in (r.metrics.get("perplexity") or {}).items() if v and v > 0}
-
-def compare_runs(new: Results | None, ref: Results | None, tolerance: float = REPRODUCE_TOLERANCE, ppl_tolerance: float = PPL_TOLERANCE) -> dict:
-    "How run `new` compares with its reference `ref`: the losses, the largest gap, a verdict."
-    state = lambda r: "not run" if r is None else r.status.value
-    row = dict(new_status=state(new), ref_status=state(ref), new_loss=new and new.final_val_loss, ref_loss=ref and ref.final_val_loss,
-               max_diff=None)
-    if row["new_status"] != row["ref_status"] or row["new_status"] in ("failed", "not run"):
-        return dict(row, reproduced=False)
-    if row["new_status"] == "diverged": return dict(row, reproduced=True)   # both diverged: the step may differ
-    a, b = _log_ppl(new), _log_ppl(ref)
-    ppl = [abs(a[k] - b[k]) for k in a.keys() & b.keys()]
-    loss = [abs(row["new_loss"] - row["ref_loss"])] if row["new_loss"] is not None and row["ref_loss"] is not None else []
-    row["max_diff"] = max(loss + ppl) if loss + ppl else None
-    return dict(row, reproduced=bool(loss + ppl) and all(d <= tolerance for d in loss) and all(d <= ppl_tolerance for d in ppl))
-
-# %% ../nbs/09_runner.ipynb #3c858609
-def compare_studies(study: str, runs_root, reference_root="papermill_runs", tolerance: float = REPRODUCE_TOLERANCE) -> tuple[str, bool]:
-    "A Markdown table of every run of `study` in `runs_root` beside its reference, and whether all reproduced."
-    rows = {n: compare_runs(run_dir(study, n, runs_root).results(), run_dir(study, n, reference_root).results(),
-                            tolerance) for n in study_experiments(study)}
-    fmt = lambda x: "" if x is None else f"{x:.4f}"
-    lines = [f"| experiment | status | reference | val loss | reference | largest diff | reproduced (loss <= {tolerance}, log-ppl <= {PPL_TOLERANCE} nats) |",
-             "|---|---|---|---:|---:|---:|---|"]
-    lines += [f"| {n} | {r['new_status']} | {r['ref_status']} | {fmt(r['new_loss'])} | {fmt(r['ref_loss'])} | "
-              f"{fmt(r['max_diff'])} | {'yes' if r['reproduced'] else '**no**'} |" for n, r in rows.items()]
-    ok = all(r["reproduced"] for r in rows.values())
-    gaps = [r["max_diff"] for r in rows.values() if r["max_diff"] is not None]
-    lines.append("")
-    lines.append(f"{'Reproduced' if ok else 'NOT reproduced'}: {sum(r['reproduced'] for r in rows.values())} of {len(rows)} "
-                 f"runs of {study!r} match the reference in {reference_root}"
-                 + (f" (largest difference {max(gaps):.2e} nats, tolerance {tolerance})" if gaps else "") + ".")
-    return "\n".join(lines), ok

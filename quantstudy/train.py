@@ -65,10 +65,11 @@ class DivergenceCallback(TrainerCallback):
             return self._stop(control, state.global_step, f"eval_loss {loss:.3f} above {bound:.3f} for {self.bad} evaluations")
 
 def spikes(val: list[dict], bound: float, rise: float = 1.0) -> list[dict]:
-    "Every evaluation of the validation curve `val` above `min(bound, best so far + rise)`: step, loss, bound."
+    "Every evaluation of the validation curve `val` after step 0 (the untrained model) above `min(bound, best so far + rise)`: step, loss, bound."
     best, out = math.inf, []
     for p in val:
         loss = p["loss"]
+        if p["step"] == 0: best = min(best, loss); continue
         if not math.isfinite(loss): out.append(dict(step=p["step"], loss=loss, bound=None)); continue
         b = min(bound, best + rise)
         if loss > b: out.append(dict(step=p["step"], loss=round(loss, 4), bound=round(b, 4)))

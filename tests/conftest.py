@@ -73,17 +73,19 @@ def results_like(tiny_run):
         if step != real.step: val = [dict(p, step=round(p["step"] * step / real.step)) for p in val]
         shift = 0.0 if final_loss is None else final_loss - val[-1]["loss"]
         for p in val: p["loss"] += shift
-        metrics = {} if status != "complete" else {**real.metrics, "perplexity": {k: v * math.exp(shift) for k, v in real.metrics["perplexity"].items()},
+        metrics = {} if status in ("failed", "diverged") else {**real.metrics, "perplexity": {k: v * math.exp(shift) for k, v in real.metrics["perplexity"].items()},
                                                   "tasks": {**real.metrics["tasks"], **{t: {"skipped": why} for t, why in (skipped or {}).items()}}}
-        reason = {"complete": None, "diverged": "eval_loss above the divergence bound for 2 evaluations",
+        reason = {"complete": None, "unstable": "eval_loss above the divergence bound for 2 evaluations",
+                  "diverged": "loss is nan at step 6",
                   "failed": "cell 3: RuntimeError: out of memory"}[status]
         return dataclasses.replace(real, study=study, experiment=name, status=status, step=step, reason=reason, config=cfg,
                                    curves=dict(real.curves, val=val), metrics=metrics, **fields)
     return make
 
-def write_study(root, study: str, results: dict):
-    "Write `results` (name -> `Results`) as the study `study` under the runs root `root`, the way runs write them; `root`."
+def write_study(root, study: str, results):
+    "Write `results` (name -> `Results`, or a list of `Results` of any seeds) as the study `study` under the runs root `root`, the way runs write them; `root`."
     from pathlib import Path
-    from quantstudy.rundir import RunDir
-    for name, r in results.items(): RunDir(Path(root) / study / name).write_results(r)
+    from quantstudy.rundir import RunDir, run_name
+    for r in (results.values() if isinstance(results, dict) else results):
+        RunDir(Path(root) / study / run_name(r.experiment, r.seed)).write_results(r)
     return root

@@ -121,7 +121,7 @@ def test_a_finished_run_under_other_overrides_exits_2_unless_forced(tmp_path, ca
     RunDir(tmp_path / "runs" / "smoke" / "w8a8").write_results(   # a finished run of the smoke preset, as an older runner left it
         Results(study="smoke", experiment="w8a8", status="complete", step=300, config=dict(**get_experiment("w8a8").to_dict(), overrides={})))
     assert main(["run", "w8a8", "--runs-root", str(tmp_path / "runs")]) == 0   # the same: the finished result
-    assert "| w8a8 | complete | 300 |" in capsys.readouterr().out
+    assert "| w8a8 | 0 | complete | 300 |" in capsys.readouterr().out
     _fails_in_one_line(capsys, ["run", "w8a8", "--runs-root", str(tmp_path / "runs"), "-o", "lr=0.05"], "train.lr: 0.002 -> 0.05")
     _fails_in_one_line(capsys, ["run", "w8a8", "--runs-root", str(tmp_path / "runs"), "-o", "model.n_layer=6"],
                        "train.model.n_layer: 4 -> 6")
@@ -145,7 +145,7 @@ def test_a_failed_run_says_why_on_the_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(runner, "TEMPLATE", tpl)
     assert main(["run", "a4-tensor", "--runs-root", str(tmp_path / "runs")]) == 1
     out, err = capsys.readouterr()
-    assert "step 1" in out and "| a4-tensor | failed | 0 |" in out                      # the run's output, streamed
+    assert "step 1" in out and "| a4-tensor | 0 | failed | 0 |" in out                      # the run's output, streamed
     assert "a4-tensor failed: cell 2: ValueError: boom at step 2" in err and "results.json" in err
 
 def test_parse_overrides_nested_and_repeated():
@@ -161,3 +161,24 @@ def test_evaluate_cli_bad_path_and_unknown_task(tmp_path):
         evaluate(["run", "--model", "quantstudy", "--model_args", f"path={tmp_path / 'run'}", "--tasks", "arc_easy", "--limit", "1"])
     with pytest.raises(SystemExit, match="python -m quantstudy.evaluate: ValueError: Tasks not found: nosuchtask"):
         evaluate(["run", "--model", "quantstudy", "--model_args", f"path={tmp_path / 'run'}", "--tasks", "nosuchtask"])
+
+STUDY_COMMANDS = {   # every subcommand that takes a study name: where the name goes
+    "run": lambda bad: ["run", "w8a8", "--study", bad], "sweep": lambda bad: ["sweep", bad, "--out", "{out}"],
+    "study": lambda bad: ["study", bad, "--out", "{out}"], "report": lambda bad: ["report", bad, "--out", "{out}"],
+    "scorecard": lambda bad: ["scorecard", bad, "--out", "{out}"]}
+
+@pytest.mark.parametrize("bad", ["../x", "ABSOLUTE"])
+@pytest.mark.parametrize("command", list(STUDY_COMMANDS))
+def test_every_study_name_is_contained(tmp_path, capsys, command, bad):
+    roots = tmp_path / "roots"; runs, out = roots / "runs", roots / "figs"
+    bad = str(tmp_path / "abs") if bad == "ABSOLUTE" else bad
+    for victim in (roots / "x", tmp_path / "abs"):   # what ../x (from either root) or the absolute name would reach: a real study
+        (victim / "w8a8").mkdir(parents=True); (victim / "w8a8" / "results.json").write_text("{}")
+    before = sorted(tmp_path.rglob("*"))
+    argv = [a.format(out=out) for a in STUDY_COMMANDS[command](bad)] + ["--runs-root", str(runs)]
+    try: code = main(argv)
+    except SystemExit as e: code = e.code   # sweep and study: a name outside argparse's choices
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"quantstudy {command}: ") and "Traceback" not in err, err
+    assert repr(bad) in err or "invalid choice" in err, err
+    assert sorted(tmp_path.rglob("*")) == before   # nothing written anywhere: not the roots, not the victims

@@ -21,8 +21,8 @@ def _one_line(e) -> str:
     return str(e.value)
 
 def test_another_schema_is_refused_naming_it():
-    d = _stored(); d["schema"] = 2
-    with pytest.raises(ValueError, match=r"runs/s/w8a8/results.json: results schema 2; this quantstudy reads schema 1.*--force") as e:
+    d = _stored(); d["schema"] = 3
+    with pytest.raises(ValueError, match=r"runs/s/w8a8/results.json: results schema 3; this quantstudy reads schema 2.*--force") as e:
         Results.from_dict(d, "runs/s/w8a8/results.json")
     _one_line(e)
     del d["schema"]   # a file from before the schema was versioned
@@ -30,9 +30,16 @@ def test_another_schema_is_refused_naming_it():
     _one_line(e)
 
 def test_unknown_fields_are_refused_naming_them():
-    d = _stored(); d["figures"] = ["fig2"]; d["seed"] = 0   # fields an older writer put at the top level
-    with pytest.raises(ValueError, match=r"unknown fields \['figures', 'seed'\] for results schema 1") as e: Results.from_dict(d)
+    d = _stored(); d["figures"] = ["fig2"]; d["replicate"] = 0   # fields an older writer put at the top level
+    with pytest.raises(ValueError, match=r"unknown fields \['figures', 'replicate'\] for results schema 2") as e: Results.from_dict(d)
     _one_line(e)
+
+def test_schema_1_is_read_with_the_seed_of_its_config():
+    "Schema 1 had no `seed` field and no `unstable` status: its files are read, the seed taken from the run's config."
+    d = _stored(config=dict(train=dict(seed=7))); d["schema"] = 1; del d["seed"]
+    r = Results.from_dict(d)
+    assert r.seed == 7 and r.schema == SCHEMA == 2
+    assert Results.from_dict({**d, "config": {}}).seed == 0
 
 @pytest.mark.parametrize("name", ["study", "experiment"])
 def test_a_missing_name_is_refused(name):
@@ -45,15 +52,15 @@ def test_not_an_object_is_refused():
 
 def test_status_refuses_done():
     with pytest.raises(ValueError, match="'done'"): Status("done")
-    with pytest.raises(ValueError, match=r"status='done': use one of \['complete', 'diverged', 'failed'\]") as e:
+    with pytest.raises(ValueError, match=r"status='done': use one of \['complete', 'unstable', 'diverged', 'failed'\]") as e:
         Results(study="s", experiment="e", status="done")
     _one_line(e)
     d = _stored(); d["status"] = "done"
     with pytest.raises(ValueError, match="status='done'"): Results.from_dict(d)
 
-def test_status_is_a_str_enum_and_finished_means_complete_or_diverged():
+def test_status_is_a_str_enum_and_finished_means_trained_to_an_end():
     assert Results(study="s", experiment="e", status="complete").status == "complete"
-    assert [Results(study="s", experiment="e", status=s).finished for s in Status] == [True, True, False]
+    assert [Results(study="s", experiment="e", status=s).finished for s in Status] == [True, True, True, False]
     assert Results(study="s", experiment="e").status is Status.FAILED   # failed until the run says otherwise
 
 # ---- a lossless round trip through JSON, for any field values
@@ -108,8 +115,8 @@ def test_a_finished_result_removes_the_hand_off_a_failed_one_keeps_it(tmp_path):
     assert rd.read_training() is None and rd.trained_step() == 6 and sorted(p.name for p in rd.path.iterdir()) == ["results.json"]
 
 def test_a_file_of_another_schema_is_named(tmp_path):
-    rd = RunDir(tmp_path / "s" / "e"); write_json(rd.results_file, dict(_stored(), schema=2))
-    with pytest.raises(ValueError, match=rf"{rd.results_file}: results schema 2"): rd.results()
+    rd = RunDir(tmp_path / "s" / "e"); write_json(rd.results_file, dict(_stored(), schema=3))
+    with pytest.raises(ValueError, match=rf"{rd.results_file}: results schema 3"): rd.results()
 
 # ---- clear and lock
 

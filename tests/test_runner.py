@@ -33,7 +33,7 @@ def json_files(rd: RunDir) -> list:
 def test_run_rerun_and_relative_paths(tmp_path, executions):
     root = tmp_path / "papermill_runs"
     r = run_experiment("w8a8", "t", overrides=TINY, evals=EVALS, runs_root=root)
-    assert r.status == "complete" and r.schema == 1 and r.step == 6 and r.finished
+    assert r.status == "complete" and r.schema == 2 and r.step == 6 and r.finished
     assert r.config["recipe"]["linear"]["weight"]["bits"] == 8 and r.metrics["tasks"]["mnli"]["skipped"]
     assert r.versions["torch"] and r.hardware["device"] == "cpu" and r.hardware["world_size"] == 1
     rd = run_dir("t", "w8a8", root)

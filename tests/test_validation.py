@@ -210,7 +210,7 @@ def test_study_name_cannot_delete_outside_the_runs_root(tmp_path):
 def test_a_symlink_out_of_the_runs_root_is_refused(tmp_path):
     (tmp_path / "runs").mkdir(); (tmp_path / "elsewhere").mkdir()
     (tmp_path / "runs" / "smoke").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(ValueError, match="outside the runs root"): run_dir("smoke", "w8a8", tmp_path / "runs")
+    with pytest.raises(ValueError, match="outside the root"): run_dir("smoke", "w8a8", tmp_path / "runs")
     assert inside(tmp_path / "runs" / "x" / "y", tmp_path / "runs") == (tmp_path / "runs" / "x" / "y").resolve()
 
 def test_clear_run_dir_keeps_its_lock_and_refuses_other_folders(tmp_path):
@@ -220,7 +220,7 @@ def test_clear_run_dir_keeps_its_lock_and_refuses_other_folders(tmp_path):
     assert [p.name for p in rd.path.iterdir()] == [".lock"] and (tmp_path / "outside.txt").exists()
     home = tmp_path / "home"; home.mkdir(); (home / "thesis.tex").write_text("x")
     with pytest.raises(ValueError, match="does not look like a run directory"): RunDir(home).clear()
-    with pytest.raises(ValueError, match="outside the runs root"): inside(home, tmp_path / "runs")   # what run_dir checks
+    with pytest.raises(ValueError, match="outside the root"): inside(home, tmp_path / "runs")   # what run_dir checks
     assert (home / "thesis.tex").exists()
 
 def test_config_hash_is_stored_and_a_change_is_an_error(tmp_path):
