@@ -2,13 +2,14 @@
 
 Both build the model and optimizer the way `train()` does (`build_model`, `make_optimizer`: QAdamW and the cosine
 schedule), run the same micro batches, accumulation, gradient clipping, precision and the same log / eval / save
-cadence, and stamp the time at the end of chosen optimizer steps (with a device sync there only), so that tokens/s
-over a window of steps compare the loops, not their start-up."""
+cadence, and stamp the time at the end of two optimizer steps, the first and the last of a window (with a device sync
+there only, the same two in both loops), so that tokens/s over the window compare the loops, not their start-up."""
 from __future__ import annotations
 import contextlib, math, os, time
 from pathlib import Path
 import numpy as np, torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import IntervalStrategy
 import quantstudy.train as qt
 from quantstudy.host import tune_cpu_allocator
 from quantstudy.optim import make_optimizer
@@ -36,6 +37,8 @@ def _sync(device) -> None:
 
 class StepClock(TrainerCallback):
     "`perf_counter` at the end of the optimizer steps in `marks` (after a device sync there, and only there)."
+    # a sync at every step of the window would drain the launch queue that the plain loop keeps full: on CUDA that
+    # biases "train() / plain loop" against train(); both loops sync at the window's two ends only
     def __init__(self, marks): self.marks, self.t = set(marks), {}
     def on_step_end(self, args, state, control, **kw):
         if state.global_step in self.marks: _sync(args.device); self.t[state.global_step] = time.perf_counter()
@@ -46,15 +49,18 @@ def window_rate(t: dict, cfg) -> float:
     return (b - a) * cfg.batch_size * cfg.block_size / (t[b] - t[a])
 
 @contextlib.contextmanager
-def patched_train(datasets=None, compile_backend: str | None = None):
-    "`quantstudy.train.train` reading `datasets` (train, val) instead of a corpus, and compiling the model with `compile_backend`."
+def patched_train(datasets=None, compile_backend: str | None = None, evaluate: bool = True):
+    "`quantstudy.train.train` reading `datasets` (train, val) instead of a corpus, compiling the model with `compile_backend`, evaluating only if `evaluate`."
     saved = qt.datasets_for, qt.training_args
     env = {k: os.environ.get(k) for k in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_DYNAMO_USE_DYNAMIC")}
     if datasets is not None: qt.datasets_for = lambda cfg, tokenizer=None: datasets
-    if compile_backend is not None:
+    if compile_backend is not None or not evaluate:
         def training_args(*a, **kw):
             args = saved[1](*a, **kw)
-            args.torch_compile, args.torch_compile_backend = True, compile_backend   # what TrainingArguments(torch_compile=True) sets
+            if compile_backend is not None:   # what TrainingArguments(torch_compile=True) sets
+                args.torch_compile, args.torch_compile_backend = True, compile_backend
+            if not evaluate:   # no eval at the start nor at eval_steps (train() adds one at the end unless eval_every divides max_steps)
+                args.eval_on_start, args.eval_strategy = False, IntervalStrategy.NO
             return args
         qt.training_args = training_args
     try: yield
@@ -64,12 +70,12 @@ def patched_train(datasets=None, compile_backend: str | None = None):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
-def run_train(cfg, out_dir, recipe=None, datasets=None, warm: int = 2, compile_backend: str | None = None) -> dict:
-    "The package's `train()` from scratch: its result and tokens/s over steps `warm`..`max_steps`."
-    clock = StepClock(range(warm, cfg.max_steps + 1))
-    with patched_train(datasets, compile_backend):
+def run_train(cfg, out_dir, recipe=None, datasets=None, warm: int = 2, compile_backend: str | None = None,
+              evaluate: bool = True) -> dict:
+    "The package's `train()` from scratch: its result and tokens/s over steps `warm`..`max_steps` (timed as `plain_loop` times)."
+    clock = StepClock((warm, cfg.max_steps))
+    with patched_train(datasets, compile_backend, evaluate):
         res = qt.train(cfg, out_dir, recipe, resume=False, callbacks=[clock])
-    clock.t = {k: v for k, v in clock.t.items() if k in (warm, cfg.max_steps)}
     return dict(tokens_per_s=window_rate(clock.t, cfg), result=res,
                 train_loss=[p["loss"] for p in res["curves"]["train"]], val_loss=[p["loss"] for p in res["curves"]["val"]])
 

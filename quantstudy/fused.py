@@ -128,6 +128,14 @@ _eager_numel = defaultdict(int)   # kind of call -> elements quantized eagerly s
 _ready = set()                    # kinds of call that run compiled
 _broken = {}                      # device type -> the exception compiling raised there
 
+def _interruption(e: BaseException) -> BaseException | None:
+    "The KeyboardInterrupt, SystemExit or other non-`Exception` (a time limit's alarm) that `e` was raised from, if any."
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if not isinstance(e, Exception): return e
+        seen.add(id(e)); e = e.__cause__ or e.__context__
+    return None
+
 def try_fused(x, bits, axis, symmetric, out, floor=0.0):
     "The fused kernel's result for `x`, or None where the policy, device, dtype or layout calls for eager ops."
     pol, numel = _POLICY, x.numel()
@@ -150,6 +158,7 @@ def try_fused(x, bits, axis, symmetric, out, floor=0.0):
             args = (v.detach(), _const(n, device), _const(p, device)) + ((_const(_check_floor(floor), device),) if floor else ())
             *res, unsafe = _kernel(kind, symmetric, out, checked, bool(floor))(*args)
     except Exception as e:   # eager is always right: fall back for good on this device
+        if (stop := _interruption(e)) is not None: raise stop   # a compile interrupted (a timeout) is not a broken one
         _broken[dev] = e
         warnings.warn(f"quantstudy: torch.compile of the fused quantizer failed on {dev} ({type(e).__name__}: {e}); "
                       "using eager ops from now on (set QUANTSTUDY_COMPILE=0 to skip the attempt)")

@@ -82,23 +82,28 @@ class Recipe:
         raise ValueError(f"recipe={r!r} must be a Recipe, a LinearQuant, a dict or None")
 
 # %% ../nbs/02_model.ipynb #18ba9ab2
-def default_attn_implementation() -> str:
-    "`flash_attention_2` if `flash_attn` imports and CUDA is available, else `sdpa`."
-    if torch.cuda.is_available():
+def _half(precision) -> bool:
+    "Whether `precision` (`bf16`, `fp16`, `auto`: bf16 on CUDA, as training; `fp32`, a torch dtype, None) computes in 16 bits."
+    if precision == "auto": return torch.cuda.is_available()
+    return precision in ("bf16", "fp16", torch.bfloat16, torch.float16)
+
+def default_attn_implementation(precision=None) -> str:
+    "`flash_attention_2` for a bf16/fp16 `precision` if `flash_attn` imports and CUDA is available (it runs no fp32), else `sdpa`."
+    if _half(precision) and torch.cuda.is_available():
         try:
             import flash_attn  # noqa: F401
             return "flash_attention_2"
         except Exception: pass  # not installed, or built for another torch/CUDA
     return "sdpa"
 
-def gpt2_config(size: str = "tiny", **overrides) -> GPT2Config:
-    "The `GPT2Config` of `size` (a key of `SIZES`), with any `GPT2Config` field overridden."
+def gpt2_config(size: str = "tiny", *, precision=None, **overrides) -> GPT2Config:
+    "The `GPT2Config` of `size` (a key of `SIZES`), with any `GPT2Config` field overridden; `precision` picks the attention."
     if size not in SIZES: raise ValueError(f"size={size!r} is not one of {tuple(SIZES)}")
     known = set(GPT2Config().to_dict()) | {"attn_implementation"}
     unknown = sorted(set(overrides) - known)
     if unknown: raise ValueError(f"unknown GPT2Config fields {unknown}")
     kw = dict(vocab_size=VOCAB_SIZE, resid_pdrop=DROPOUT, embd_pdrop=DROPOUT, attn_pdrop=DROPOUT,
-              attn_implementation=default_attn_implementation(), **SIZES[size])
+              attn_implementation=default_attn_implementation(precision), **SIZES[size])
     kw.update(overrides)
     return GPT2Config(**kw)
 
@@ -110,7 +115,7 @@ CAUSAL_LOSS = "ForCausalLM"
 
 def build_model(size: str = "tiny", recipe: Recipe | LinearQuant | dict | None = None, seed: int | None = None,
                 **overrides) -> GPT2LMHeadModel:
-    "A new GPT-2 of `size` (config `overrides` as in `gpt2_config`) with its linear layers quantized per `recipe`."
+    "A new GPT-2 of `size` (config `overrides` and `precision` as in `gpt2_config`) with its linear layers quantized per `recipe`."
     recipe, config = Recipe.parse(recipe), gpt2_config(size, **overrides)
     with torch.random.fork_rng(devices=[]):
         if seed is not None: torch.manual_seed(seed)

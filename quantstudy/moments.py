@@ -9,7 +9,7 @@ import re
 import torch
 import warnings
 from .quantizers import QuantSpec
-from .fused import compile_policy
+from .fused import compile_policy, _interruption
 
 # %% auto #0
 __all__ = ['NORMS', 'MAPS', 'SIGNED_MAPS', 'SCHEME_BITS', 'dynamic_map', 'code_table', 'MomentScheme', 'parse_moment']
@@ -76,6 +76,7 @@ def _nearest(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     if "fn" not in _SEARCH: _SEARCH["fn"] = torch.compile(_search, dynamic=True, fullgraph=True)
     try: return _SEARCH["fn"](u, torch.cat([mid, mid.new_full((1,), float("inf"))]))
     except Exception as e:   # eager is always right: fall back for good on this device
+        if (stop := _interruption(e)) is not None: raise stop   # a compile interrupted (a timeout) is not a broken one
         _SEARCH.setdefault("broken", set()).add(u.device.type)
         warnings.warn(f"quantstudy: torch.compile of the code-table search failed ({type(e).__name__}: {e}); using bucketize")
         return torch.bucketize(u, mid, right=True)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 from .quantizers import QuantSpec, quantize, dequantize
-from .fused import compile_policy
+from .fused import compile_policy, _interruption
 
 # %% auto #0
 __all__ = ['BACKWARDS', 'KERNELS', 'GRAD_PLACEMENTS', 'MODULE_SETS', 'HEAD', 'LinearQuant', 'quant_linear', 'QuantLinear',
@@ -337,13 +337,14 @@ def _int_mm_epilogue(a, b, sa, sb, bias, dtype): return _rescale(int_mm(a, b), s
 
 _EPILOGUE = {}
 def _int_mm_rescaled(a, b, sa, sb, bias, dtype, compiled: bool | None = None):
-    "`torch._int_mm` and its epilogue; on CUDA compiled into one kernel (inductor fuses `_int_mm` with the scaling)."
+    "`torch._int_mm` and its epilogue (int32 -> fp32, scales, bias, cast); on CUDA compiled by inductor (see `benchmarks/README.md`)."
     if compiled is None: compiled = a.is_cuda and compile_policy().enabled
     if compiled and not _EPILOGUE.get("broken"):
         if "fn" not in _EPILOGUE:
-            _EPILOGUE["fn"] = torch.compile(_int_mm_epilogue, dynamic=True, options={"force_fuse_int_mm_with_mul": True})
+            _EPILOGUE["fn"] = torch.compile(_int_mm_epilogue, dynamic=True)
         try: return _EPILOGUE["fn"](a, b, sa, sb, bias, dtype)
         except Exception as e:   # eager is always right
+            if (stop := _interruption(e)) is not None: raise stop   # a compile interrupted (a timeout) is not a broken one
             _EPILOGUE["broken"] = e
             warnings.warn(f"quantstudy: compiling the int8 matmul failed ({type(e).__name__}: {e}); using eager ops")
     return _int_mm_epilogue(a, b, sa, sb, bias, dtype)

@@ -203,6 +203,7 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
     if not torch.cuda.is_available(): tune_cpu_allocator()
     train_ds, val_ds = datasets_for(cfg)
     model = build_model(cfg.size, recipe, seed=cfg.seed, n_positions=cfg.block_size,  # seeded: the same weights on every process
+                        precision="bf16" if use_bf16(cfg) else "fp32",   # flash_attention_2 only where it runs: bf16 on CUDA
                         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **cfg.model)
     opt, sched = make_optimizer(model, cfg, recipe)
     bound = cfg.diverge_loss if cfg.diverge_loss is not None else math.log(model.config.vocab_size)

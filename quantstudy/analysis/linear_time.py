@@ -5,6 +5,7 @@
 # %% ../../nbs/07c_linear_time.ipynb #dbe11df7
 from __future__ import annotations
 import statistics
+from contextlib import nullcontext
 import numpy as np, torch
 import torch.nn as nn
 from transformers import GPT2Config
@@ -30,8 +31,8 @@ def linear_share(entries, device: str = "cpu", ops=LINEAR_OPS) -> tuple[float, f
 
 # %% ../../nbs/07c_linear_time.ipynb #b5aadde5
 def block_time_share(config: GPT2Config, seq_len: int, batch_size: int = 1, n_layer: int = 1, repeat: int = 3,
-                     device=None, seed: int = 0) -> dict:
-    "Linear-layer (GEMM) time over all op time of forward + backward through `n_layer` transformer blocks of `config`."
+                     device=None, seed: int = 0, precision: str = "auto") -> dict:
+    "Linear-layer (GEMM) time over all op time of forward + backward through `n_layer` blocks of `config`, at training precision."
     from torch.profiler import profile, ProfilerActivity
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with torch.random.fork_rng(devices=[]):
@@ -40,9 +41,12 @@ def block_time_share(config: GPT2Config, seq_len: int, batch_size: int = 1, n_la
             blocks = nn.ModuleList(GPT2Block(config, layer_idx=i) for i in range(n_layer)).train()
             x = torch.randn(batch_size, seq_len, config.n_embd, requires_grad=True)
             g = torch.randn(batch_size, seq_len, config.n_embd)
+    # training's precision: bf16 autocast on CUDA unless `precision='fp32'`; a CPU runs fp32, as training there does
+    half = device.type == "cuda" and precision != "fp32"
     def step():
         h = x
-        for b in blocks: h = _block_out(b(h))
+        with torch.autocast("cuda", dtype=torch.bfloat16) if half else nullcontext():
+            for b in blocks: h = _block_out(b(h))
         h.backward(g)
     step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -55,26 +59,26 @@ def block_time_share(config: GPT2Config, seq_len: int, batch_size: int = 1, n_la
         lin.append(a); tot.append(b)
     shares = [a / b for a, b in zip(lin, tot)]
     return dict(share=statistics.median(shares), shares=shares, linear_ms=statistics.median(lin) / 1e3,
-                total_ms=statistics.median(tot) / 1e3)
+                total_ms=statistics.median(tot) / 1e3, precision="bf16" if half else "fp32")
 
 # %% ../../nbs/07c_linear_time.ipynb #097bf18b
 def linear_time(target=None, *, sizes=None, seq_lens=(64, 128, 256), batch_size: int = 1, n_layer: int = 1,
-                repeat: int = 3, threads: int | None = 1, device=None) -> dict:
-    "Share of forward + backward time spent in the linear layers of the transformer blocks, per size and sequence length (Fig. 3)."
+                repeat: int = 3, threads: int | None = 1, device=None, precision: str = "auto") -> dict:
+    "Share of forward + backward time spent in the linear layers of the transformer blocks, per size and sequence length (Fig. 3); bf16 autocast on CUDA unless `precision='fp32'`."
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if sizes is None:
         if isinstance(target, nn.Module): sizes = {"model": target.config}
         elif target is not None:
             cfg = run_config(target)
             if cfg is None: raise ValueError(f"{target} has no run.json to read the model from; pass sizes=")
-            config = gpt2_config(cfg.size, **cfg.model)
+            config = gpt2_config(cfg.size, precision=precision, **cfg.model)
             sizes = {_label(cfg.size, config): config}
         else: sizes = ["tiny", "small"]
-    if not isinstance(sizes, dict): sizes = {s: gpt2_config(s) for s in sizes}
+    if not isinstance(sizes, dict): sizes = {s: gpt2_config(s, precision=precision) for s in sizes}
     old = torch.get_num_threads()
     if threads and device.type == "cpu": torch.set_num_threads(threads)
     try:
-        rows = [dict(model=label, seq_len=t, batch_size=batch_size, **block_time_share(c, t, batch_size, n_layer, repeat, device))
+        rows = [dict(model=label, seq_len=t, batch_size=batch_size, **block_time_share(c, t, batch_size, n_layer, repeat, device, precision=precision))
                 for label, c in sizes.items() for t in seq_lens]
     finally: torch.set_num_threads(old)
     return _jsonable(dict(analysis="linear_time", figure=3, device=str(device), threads=threads if device.type == "cpu" else None,
