@@ -9,7 +9,7 @@ ifneq ($(wildcard ../shared/data),)
 export QUANTSTUDY_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: venv test check-sync nbtest pytest numerics outputs smoke smoke-reference gpu-check gpu-check-tiny clean
+.PHONY: venv test check-sync nbtest pytest numerics outputs smoke smoke-reference gpu-check gpu-check-tiny gpu-check-dry clean
 
 $(VENV)/.installed: setup.py settings.ini
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -78,15 +78,17 @@ SEEDS ?= 1
 REFERENCE_SEEDS := 3
 
 ## smoke: trains the smoke study afresh on this machine (CPU, minutes) into runs/smoke (figures in runs/figures/smoke),
-## then holds every run against the committed reference papermill_runs/smoke and says whether it reproduced it
+## then holds every run against the committed reference's seed distribution (papermill_runs/smoke) and says whether it
+## reproduced it. KERNELS=avx2 (or default) trains under the numerics pass's kernel settings instead of this CPU's own.
+KERNELS ?=
 smoke: venv
-	$(SMOKE) --seeds $(SEEDS) --runs-root runs --out runs/figures --force --reference papermill_runs
+	$(if $(KERNELS),$(call ISA,$(KERNELS))) $(SMOKE) --seeds $(SEEDS) --runs-root runs --out runs/figures --force --reference papermill_runs
 
 ## smoke-reference: retrain the committed reference itself (papermill_runs/smoke, figures/smoke), after a change of protocol
 smoke-reference: venv
 	$(SMOKE) --seeds $(REFERENCE_SEEDS) --force
 
-## gpu-check: every GPU check and figure in one run, under 7 minutes on one H100/H200 (benchmarks/README.md).
+## gpu-check: every GPU check and figure in one run, planned for 8 minutes on one H100/H200 (benchmarks/README.md).
 ## It uses the machine's own python3 (torch + CUDA), not the CPU venv: nothing to install, the checkout is enough.
 GPU_PY        ?= python3
 GPU_CHECK_OUT ?= gpu_check_out
@@ -97,6 +99,10 @@ gpu-check:
 ## gpu-check-tiny: the same stages on this CPU at tiny sizes (what CI runs through tests/test_gpu_check.py)
 gpu-check-tiny: venv
 	OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR) $(PY) benchmarks/gpu_check.py $(GPU_CHECK_OUT) --tiny
+
+## gpu-check-dry: the full-size settings built and every stage constructed, nothing run (no GPU needed; CI runs it too)
+gpu-check-dry: venv
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/gpu_check.py $(GPU_CHECK_OUT) --dry-run
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -185,7 +185,13 @@ def _failed_to_start(name, kw, e) -> Results:
     if isinstance(e, RunInUse): return Results(study=kw["study"], experiment=name, seed=seed, reason=f"{type(e).__name__}: {e}")   # not ours
     try:
         rd = run_dir(kw["study"], name, kw["runs_root"], seed)
-        with rd.lock(): return _record_failure(rd, f"{type(e).__name__}: {e}")
+        with rd.lock():
+            try: done = rd.results()
+            except ValueError: done = None   # a damaged file: recorded failed below
+            if done is not None and done.finished:   # a refusal never rewrites a finished result
+                print(f"sweep: {rd.path.name} skipped, its finished results.json kept as it was: {' '.join(str(e).split())}", file=sys.stderr)
+                return done
+            return _record_failure(rd, f"{type(e).__name__}: {e}")
     except (RunInUse, ValueError): return Results(study=kw["study"], experiment=name, seed=seed, reason=f"{type(e).__name__}: {e}")
 
 def _sweep_local(first, later, jobs, runs, quiet):

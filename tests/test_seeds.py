@@ -90,3 +90,15 @@ def test_outcomes_from_the_whole_curve():
     assert training_outcome(val[:2], None, 10.8) == ("complete", None)   # step 0 above ln|V| is the untrained model, no spike
     assert training_outcome(val, {**div, "nonfinite": dict(step=80, reason="loss is nan")}, 10.8)[0] == "diverged"
     assert training_outcome([dict(step=0, loss=10.9), dict(step=25, loss=11.2)], div, 10.8)[0] == "diverged"
+
+def test_a_sweep_never_rewrites_a_finished_run_it_refuses(tmp_path, capsys, data_dir):
+    "A sweep under other overrides than a finished run's: that run is skipped, named with why, its results.json untouched."
+    from quantstudy.experiments import get_experiment
+    rd = runner.run_dir("smoke", "w8a8", tmp_path)
+    runner.record_run(rd, get_experiment("w8a8", "smoke"), "smoke", "smoke", {})
+    rd.write_results(Results(study="smoke", experiment="w8a8", status="complete", step=300))
+    before = rd.results_file.read_bytes()
+    res = runner.sweep("smoke", only=["w8a8"], overrides=dict(max_steps=7), runs_root=tmp_path, quiet=True)
+    assert res["w8a8"].status == "complete" and rd.results_file.read_bytes() == before
+    err = capsys.readouterr().err
+    assert "w8a8 skipped, its finished results.json kept as it was" in err and "max_steps: 300 -> 7" in err
