@@ -409,3 +409,9 @@ def test_runs_analysed_across_training_keep_snapshots():
     assert get_experiment("g8-token", "smoke").train.snapshot_every == 100
     assert get_experiment("g8-token", "smoke").analysis_settings["gradients"] == {"checkpoint": "first"}
     assert get_experiment("w4-tensor", "smoke").train.snapshot_every is None
+
+def test_paper_micro_batch_is_the_authors():
+    "Issue 20, item 2: 32 sequences per device and forward pass (global 512), as the authors trained: a per-tensor scale spans it."
+    from quantstudy.config import preset
+    p = preset("paper")
+    assert p.micro_batch_size == 32 and p.batch_size == 512 and p.batch_size % (p.micro_batch_size * 4) == 0   # 4 GPUs: 4 accumulation steps
