@@ -79,7 +79,7 @@ def run_experiment(name: str, study: str = "smoke", preset_name: str | None = No
                    progress: bool = False) -> Results:
     "Execute experiment `name` of `study` with papermill (`progress`: stream its output here); its `Results`."
     preset_name = preset_name or ("paper" if study == "paper" else "smoke")
-    overrides = dict(overrides or {})
+    overrides, runs_root = dict(overrides or {}), Path(runs_root).resolve()   # papermill chdirs this process: no relative paths from here
     if "seed" in overrides: raise ValueError(f"-o seed={overrides['seed']!r}: the training seed is --seed K (or --seeds N), not an override")
     rd = run_dir(study, name, runs_root, seed)   # names and seed first
     nb_out = rd.path.with_name(rd.path.name + ".ipynb")
@@ -155,6 +155,7 @@ def sweep(study: str, executor: str = "local", jobs: int = 1, preset_name: str |
           analyses: list | None = None, quiet: bool = False, progress: bool = False, seeds=(0,)) -> dict:
     "Run every experiment of `study` (or those in `only`) with each training seed of `seeds`; `{run name: results}`, a summary printed."
     names, seeds = study_experiments(study), check_seeds(seeds)
+    runs_root = Path(runs_root).resolve()   # papermill chdirs the process while a run executes: a parallel run must not resolve against it
     per_experiment = per_experiment or {}  # name -> extra overrides for that experiment alone
     if only:
         bad = sorted(set(only) - set(names))

@@ -102,3 +102,19 @@ def test_a_sweep_never_rewrites_a_finished_run_it_refuses(tmp_path, capsys, data
     assert res["w8a8"].status == "complete" and rd.results_file.read_bytes() == before
     err = capsys.readouterr().err
     assert "w8a8 skipped, its finished results.json kept as it was" in err and "max_steps: 300 -> 7" in err
+
+def test_parallel_runs_under_a_nested_relative_root_stay_in_it(tmp_path, monkeypatch):
+    "papermill chdirs the process while it executes a notebook: a run started meanwhile must not resolve its paths against that."
+    import os, threading
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    def fake(name, **kw):   # the first run chdirs, as papermill does, while the second starts
+        if name == "baseline": os.chdir(tmp_path / "runs" / "nested"); threading.Event().wait(0.3); os.chdir(tmp_path)
+        else: threading.Event().wait(0.1)
+        seen.append((name, str(kw["runs_root"])))
+        return Results(study="smoke", experiment=name, status="complete", step=1)
+    (tmp_path / "runs" / "nested").mkdir(parents=True)
+    monkeypatch.setattr(runner, "run_experiment", fake)
+    monkeypatch.setattr(runner, "check_inputs", lambda *a, **kw: None)
+    runner.sweep("smoke", only=["baseline", "w8a8"], runs_root="runs/nested", jobs=2, quiet=True)
+    assert {r for _, r in seen} == {str(tmp_path / "runs" / "nested")}, seen   # absolute, resolved before any run started
