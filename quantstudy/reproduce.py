@@ -39,10 +39,10 @@ class Band:
     n: int
 
     def holds(self, x: float) -> bool: return self.lo - self.margin <= x <= self.hi + self.margin
-    def excess(self, x: float) -> float:
-        "How far `x` lies outside the widened interval, in margins (0 inside)."
-        out = max(self.lo - self.margin - x, x - self.hi - self.margin, 0.0)
-        return out / self.margin if self.margin else (math.inf if out else 0.0)
+    def used(self, x: float) -> float:
+        "How much of the margin `x` uses beyond the seeds' [min, max]: <= 0 within it, 1 at the band's edge, > 1 outside."
+        out = max(self.lo - x, x - self.hi)
+        return out / self.margin if self.margin else (math.inf if out > 0 else min(out, 0.0))
 
 def bands(ref: Study, k: float = MARGIN_SDS) -> dict[str, dict[str, Band]]:
     "Experiment -> metric -> `Band`: the reference seeds' interval widened by `k` times max(its sd, the median sd of that metric)."
@@ -57,17 +57,17 @@ def bands(ref: Study, k: float = MARGIN_SDS) -> dict[str, dict[str, Band]]:
 
 # %% ../nbs/09a_reproduce.ipynb #db390763
 def judge_run(fresh: Study, ref: Study, name: str, seed: int, band: dict | None = None) -> dict:
-    "Whether seed `seed` of `name` in `fresh` reproduces the reference: its outcome, the reference's, the worst metric, a verdict."
+    "Whether seed `seed` of `name` in `fresh` reproduces the reference: its outcome, the reference's, the metric nearest its band's edge, a verdict."
     r, outcomes = fresh.get(name, seed), sorted(set(ref.outcomes(name).values()))
     row = dict(experiment=name, seed=seed, outcome=fresh.outcome(name, seed), ref_outcomes=outcomes, loss=final_loss(r),
-               ref_loss=summarize(final_loss(x) for x in ref.results(name)), worst=None, excess=0.0, why=[])
+               ref_loss=summarize(final_loss(x) for x in ref.results(name)), nearest=None, used=-math.inf, why=[])
     if row["outcome"] in ("failed", "not run"): row["why"].append(f"{row['outcome']}" + (f": {r.reason}" if r and r.reason else ""))
     elif row["outcome"] not in outcomes: row["why"].append(f"outcome {row['outcome']}, reference seeds {', '.join(outcomes) or 'none'}")
     band = bands(ref)[name] if band is None else band
     for m, x in run_metrics(r).items():
         if m not in band: continue
-        e = band[m].excess(x)
-        if e >= row["excess"]: row["worst"], row["excess"] = m, e
+        u = band[m].used(x)   # the metric nearest its band's edge is the one to watch
+        if u > row["used"]: row["nearest"], row["used"] = m, u
         if not band[m].holds(x):
             b = band[m]; row["why"].append(f"{m} {x:.4f} outside [{b.lo:.4f}, {b.hi:.4f}] +- {b.margin:.4f}")
     if r is not None and row["outcome"] not in ("failed", "not run") and "val loss" in band and "val loss" not in run_metrics(r):
@@ -81,11 +81,11 @@ def compare_studies(fresh: Study, ref: Study, names, seeds=(0,)) -> tuple[str, b
     rows = [judge_run(fresh, ref, n, s, bs.get(n, {})) for n in names for s in seeds]
     fmt = lambda x: "" if x is None else f"{x:.4f}"
     rng = lambda s: "" if s is None else f"{s.lo:.4f}-{s.hi:.4f} (n={s.n})"
-    lines = ["| experiment | seed | outcome | reference outcomes | val loss | reference seeds | margin | worst metric (margins outside) | reproduced |",
+    lines = ["| experiment | seed | outcome | reference outcomes | val loss | reference seeds | margin | nearest its edge (margin used) | reproduced |",
              "|---|---:|---|---|---:|---|---:|---|---|"]
     for r in rows:
         m = (bs.get(r["experiment"], {}).get("val loss"))
-        worst = f"{r['worst']} ({r['excess']:.2f})" if r["worst"] else ""
+        worst = "" if r["nearest"] is None else "all within the seeds' range" if r["used"] <= 0 else f"{r['nearest']} ({r['used']:.2f})"
         lines.append(f"| {r['experiment']} | {r['seed']} | {r['outcome']} | {', '.join(r['ref_outcomes']) or 'not run'} | {fmt(r['loss'])} | "
                      f"{rng(r['ref_loss'])} | {fmt(m.margin if m else None)} | {worst} | "
                      + ("yes" if r["reproduced"] else "**no**: " + "; ".join(r["why"])) + " |")

@@ -52,17 +52,19 @@ def test_gpu_facing_modules_import_without_heavy_packages():
     assert r.returncode == 0, r.stderr[-3000:]
     assert "loaded: []" in r.stdout
 
+# benchmarks/gpu_check.py as `python benchmarks/gpu_check.py ARGS` runs it, in a process without the GPU image's missing packages
+LAUNCH = hide(IMAGE_LACKS) + textwrap.dedent("""
+    import runpy
+    sys.argv = ["benchmarks/gpu_check.py", *sys.argv[1:]]
+    runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
+    """)
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     "One `--tiny` run, in a process where the GPU image's missing packages are hidden."
     out = tmp_path_factory.mktemp("gpu_check")
-    code = hide(IMAGE_LACKS) + textwrap.dedent("""
-        import runpy
-        sys.argv = ["benchmarks/gpu_check.py", *sys.argv[1:]]
-        runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
-        """)
     before = (ROOT / "benchmarks" / "RESULTS.md").read_text()
-    r = python(code, str(out), "--tiny")
+    r = python(LAUNCH, str(out), "--tiny")
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return r, json.loads((out / "gpu_check.json").read_text()), before
 
@@ -155,13 +157,8 @@ def test_train_cli_without_fastcore_says_what_it_needs():
 
 def test_dry_run_builds_the_full_settings_and_every_stage(tmp_path):
     "`--dry-run`: the full-size settings of the GPU run built and every stage constructed (models on the meta device), nothing run."
-    code = hide(IMAGE_LACKS) + textwrap.dedent("""
-        import runpy
-        sys.argv = ["benchmarks/gpu_check.py", *sys.argv[1:]]
-        runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
-        """)
     before = (ROOT / "benchmarks" / "RESULTS.md").read_text()
-    r = python(code, str(tmp_path), "--dry-run")
+    r = python(LAUNCH, str(tmp_path), "--dry-run")
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["dry"] is True and doc["tiny"] is False
