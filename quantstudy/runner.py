@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_runner.ipynb #6e2958e2
 from __future__ import annotations
-import os, sys, time
+import os, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
@@ -173,7 +173,8 @@ def sweep(study: str, executor: str = "local", jobs: int = 1, preset_name: str |
     first, later = _order(names)
     runs = {run_name(n, s): (n, dict(args[n], seed=s)) for n in names for s in seeds}   # run name -> (experiment, its arguments)
     keys = lambda group: [run_name(n, s) for n in group for s in seeds]
-    if executor == "local": results = _sweep_local(keys(first), keys(later), jobs, runs, quiet)
+    base_of = {run_name(n, s): run_name(get_experiment(n).base, s) for n in later for s in seeds if get_experiment(n).base in names}
+    if executor == "local": results = _sweep_local(keys(first) + keys(later), base_of, jobs, runs, quiet)
     else: results = _sweep_submitit(keys(first), keys(later), runs, "local" if executor == "submitit-local" else "slurm", slurm or {}, kw)
     results = {k: results[k] for k in runs}
     if not quiet: print(summary_table(results))
@@ -195,18 +196,20 @@ def _failed_to_start(name, kw, e) -> Results:
             return _record_failure(rd, f"{type(e).__name__}: {e}")
     except (RunInUse, ValueError): return Results(study=kw["study"], experiment=name, seed=seed, reason=f"{type(e).__name__}: {e}")
 
-def _sweep_local(first, later, jobs, runs, quiet):
-    "Run the runs named in `first`, then those in `later` (`runs`: run name -> (experiment, arguments)), `jobs` at a time."
+def _sweep_local(order, base_of, jobs, runs, quiet):
+    "Run the runs named in `order`, `jobs` at a time, each after the run it evaluates (`base_of`: run name -> its base's run name)."
     from tqdm.auto import tqdm
-    results, bar = {}, tqdm(total=len(first) + len(later), desc="sweep", disable=quiet)
+    done, bar = {k: threading.Event() for k in order}, tqdm(total=len(order), desc="sweep", disable=quiet)
     def one(key):
         n, a = runs[key]
+        if key in base_of: done[base_of[key]].wait()   # queued after its base (FIFO), so the base has started: no deadlock
         bar.set_postfix_str(key)
         try: r = run_experiment(n, **a)  # a bad override of one experiment fails that one only
         except Exception as e: r = _failed_to_start(n, a, e)
+        finally: done[key].set()
         bar.update(); return key, r
-    for group in (first, later):
-        with ThreadPoolExecutor(max(1, jobs)) as pool: results.update(pool.map(one, group))
+    # one queue, not two phases: a PTQ run starts as soon as its base has finished, in a slot the training runs left idle
+    with ThreadPoolExecutor(max(1, jobs)) as pool: results = dict(pool.map(one, order))
     bar.close()
     return results
 

@@ -114,3 +114,23 @@ def test_cli(tmp_path):
     assert bad.returncode == 2 and "unknown experiment 'w3-tensor'" in bad.stderr
     bad = subprocess.run([exe, "sweep", "smoke", "-o", "max_steps=-5"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "max_steps=-5" in bad.stderr and not (tmp_path / "papermill_runs").exists()
+
+
+def test_a_ptq_run_starts_when_its_base_ends_not_after_every_training_run(monkeypatch):
+    "Two slots, three training runs and a PTQ row on the first: the PTQ row fills the slot the last training run leaves idle."
+    import threading, time
+    from quantstudy import runner
+    from quantstudy.rundir import Results
+    log, lock, cost = [], threading.Lock(), {"baseline": 0.2, "w8-channel": 0.3, "w4-tensor": 0.6, "ptq-w8-channel": 0.1}
+    def fake_run(name, **kw):
+        with lock: log.append(("start", name, time.monotonic()))
+        time.sleep(cost[name])
+        with lock: log.append(("end", name, time.monotonic()))
+        return Results(study=kw["study"], experiment=name, seed=kw["seed"])
+    monkeypatch.setattr(runner, "run_experiment", fake_run)
+    monkeypatch.setattr(runner, "check_inputs", lambda *a, **kw: None)
+    res = sweep("smoke", jobs=2, only=["baseline", "w4-tensor", "w8-channel", "ptq-w8-channel"], quiet=True)
+    assert list(res) == ["baseline", "w4-tensor", "w8-channel", "ptq-w8-channel"]
+    at = {(e, n): t for e, n, t in log}
+    assert at[("start", "ptq-w8-channel")] >= at[("end", "baseline")]           # never before its base
+    assert at[("start", "ptq-w8-channel")] < at[("end", "w4-tensor")]           # but not after every training run
