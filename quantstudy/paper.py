@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # %% auto #0
-__all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'TABLE1_COLUMNS', 'PPL_CORPORA', 'TASKS', 'SEEDS', 'NUM_FEWSHOT', 'GRANULARITY',
-           'ROW_LABELS', 'FIG12B_RUNS', 'TABLES', 'FIGURES', 'ANALYSIS_FIGURES', 'PAPER', 'PPL_TABLES',
-           'STATED_OUTCOMES', 'FINDINGS', 'STATEMENTS', 'row_label', 'curve_label', 'TableLayout', 'FigureLayout',
-           'AnalysisLayout', 'feeds', 'Statement', 'mean_log_ppl']
+__all__ = ['CITE', 'PPL_COLUMNS', 'TASK_COLUMNS', 'TABLE1_COLUMNS', 'PPL_CORPORA', 'TASKS', 'SEEDS', 'NUM_FEWSHOT',
+           'AUTHORS_CODE', 'GRANULARITY', 'ROW_LABELS', 'FIG12B_RUNS', 'TABLES', 'FIGURES', 'ANALYSIS_FIGURES', 'PAPER',
+           'PPL_TABLES', 'STATED_OUTCOMES', 'FINDINGS', 'STATEMENTS', 'AuthorsCode', 'row_label', 'curve_label',
+           'TableLayout', 'FigureLayout', 'AnalysisLayout', 'feeds', 'Statement', 'mean_log_ppl']
 
 # %% ../nbs/00b_paper.ipynb #37242d88
 CITE = "Chitsaz et al. 2024"
@@ -21,6 +21,35 @@ TABLE1_COLUMNS = ("LAMBADA (accuracy)", "LAMBADA (ppl)", "WikiText2 (ppl)", "Wik
 PPL_CORPORA, TASKS = tuple(PPL_COLUMNS), tuple(TASK_COLUMNS)
 SEEDS = (42, 1234, 1337, 2024, 1357)   # the authors' few-shot seeds: each task cell is the mean of 5 runs
 NUM_FEWSHOT = 5
+
+# %% ../nbs/00b_paper.ipynb #67782651
+@dataclass(frozen=True)
+class AuthorsCode:
+    "Settings the paper leaves to the authors' code, as that code has them."
+    repo: str = "chandar-lab/EfficientLLMs"
+    floors: tuple = (("weight", 1e-5), ("act", 1e-5), ("grad", 1e-9), ("moment", 1e-8))  # `minimum_range` per role
+    fewshot_seeds: tuple = SEEDS
+    num_fewshot: int = NUM_FEWSHOT
+    owt_heldout: float = 0.0005        # the code's OpenWebText validation fraction (the text, A.2: 0.5%)
+    owt_heldout_text: float = 0.005
+    owt_seed: int = 2345
+    warmup_steps: int = 1000
+    schedule: str = "linear warmup, then cosine to 0"
+    lr: float = 6e-4
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    betas: tuple = (0.9, 0.999)
+    dropout: float = 0.1
+    tied_head: bool = True
+    eos: bool = False                  # no EOS token between documents
+    modules: str = "all-linear"
+    micro_batch: int = 32              # sequences per device and forward pass (global batch 512)
+
+    def floor(self, role: str) -> float:
+        "The authors' scale floor of `role` (weight, act, grad, moment)."
+        return dict(self.floors)[role]
+
+AUTHORS_CODE = AuthorsCode()
 
 # %% ../nbs/00b_paper.ipynb #a2a64078
 GRANULARITY = {"tensor": "per-tensor", "channel": "per-channel", "token": "per-token", "token-asym": "per-token asymmetric"}

@@ -9,16 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib import ticker
-from .paper import (ANALYSIS_FIGURES, CITE, FIGURES, PAPER, PPL_COLUMNS, TABLE1_COLUMNS, TABLES, TASK_COLUMNS,
+from .paper import (ANALYSIS_FIGURES, AUTHORS_CODE, CITE, FIGURES, PAPER, PPL_COLUMNS, TABLE1_COLUMNS, TABLES, TASK_COLUMNS,
                               FigureLayout, TableLayout, curve_label, row_label)
 from .rundir import Results, Status, write_text
+from .scorecard import write_scorecard
 from .study import DIVERGE_NATS, Study, Summary, evaluated, final_loss, load_study, study_dir, summarize, val_curve
 
 # %% auto #0
-__all__ = ['STATS', 'DPI', 'AUTHORS_DEFAULTS', 'SETTINGS', 'curve_style', 'run_state', 'outcome_detail', 'divergence_note',
-           'row_values', 'TableRow', 'seed_row', 'table_rows', 'paper_cells', 'render_table', 'protocol_notes',
-           'mean_curve', 'plot_validation', 'plot_tasks', 'render_table1', 'plot_analyses', 'quant_label',
-           'render_summary', 'report']
+__all__ = ['STATS', 'DPI', 'AUTHORS_DEFAULTS', 'SCHEDULE', 'SETTINGS', 'curve_style', 'run_state', 'outcome_detail',
+           'divergence_note', 'row_values', 'TableRow', 'seed_row', 'table_rows', 'paper_cells', 'render_table',
+           'protocol_notes', 'mean_curve', 'plot_validation', 'plot_tasks', 'render_table1', 'plot_analyses',
+           'quant_label', 'render_summary', 'report']
 
 # %% ../nbs/10_report.ipynb #ab854901
 _COLORS = {"4": "tab:red", "8": "tab:blue"}                     # colour: bits
@@ -238,8 +239,9 @@ def render_table(layout: TableLayout, study: Study) -> tuple[str, str]:
     return md, text
 
 # %% ../nbs/10_report.ipynb #ad0d8a5d
-_FLOORS_NOTE = ("scale floors (the authors' `minimum_range`): max|x| >= 1e-5 for weights and activations, 1e-9 for gradients, "
-                "1e-8 for optimizer states")
+_FLOORS_NOTE = (f"scale floors (the authors' `minimum_range`): max|x| >= {AUTHORS_CODE.floor('weight'):g} for weights, "
+                f"{AUTHORS_CODE.floor('act'):g} for activations, {AUTHORS_CODE.floor('grad'):g} for gradients, "
+                f"{AUTHORS_CODE.floor('moment'):g} for optimizer states")
 
 def _values(study: Study, get) -> list:
     "The distinct values `get(config)` takes over the runs' configurations (errors and None skipped), in order."
@@ -271,7 +273,7 @@ def protocol_notes(study: Study, kind: str) -> list[str]:
     else:
         seeds = _values(study, lambda c: tuple(c["evals"]["downstream"]["seeds"]))
         notes.append(f"Downstream: 5-shot lm-eval accuracy, the mean over few-shot seeds {'; '.join(', '.join(map(str, s)) for s in seeds) or '-'} "
-                     "(the authors average 5 seeds: 42, 1234, 1337, 2024, 1357); the spread kept in results.json (`std`) is the "
+                     f"(the authors average {len(AUTHORS_CODE.fewshot_seeds)} seeds: {', '.join(map(str, AUTHORS_CODE.fewshot_seeds))}); the spread kept in results.json (`std`) is the "
                      "population standard deviation (ddof=0, the authors' `np.std`). A task skipped offline (no faithful local data) "
                      "is `-` with its reason below, and the Average is over the tasks a row has.")
     moments = _values(study, lambda c: "embeddings too" if ((c["recipe"] or {}).get("optim") or {}).get("embeddings") else None)
@@ -281,8 +283,10 @@ def protocol_notes(study: Study, kind: str) -> list[str]:
     split = _values(study, lambda c: (c["train"].get("val_fraction"), c["train"].get("val_seed"))
                     if c["train"].get("corpus", "").startswith("openwebtext") else None)
     if split:
-        shown = "; ".join(f"{100 * (f if f is not None else 0.005):g}% held out, seed {s if s is not None else 2345}" for f, s in split)
-        notes.append(f"OpenWebText validation split: {shown} (the paper's text says 0.5%; the authors' code holds out 0.05%, seed 2345).")
+        a = AUTHORS_CODE   # a split left at None is data.py's default: the paper's text's fraction, the authors' seed
+        shown = "; ".join(f"{100 * (f if f is not None else a.owt_heldout_text):g}% held out, seed {s if s is not None else a.owt_seed}" for f, s in split)
+        notes.append(f"OpenWebText validation split: {shown} (the paper's text says {100 * a.owt_heldout_text:g}%; the authors' code holds "
+                     f"out {100 * a.owt_heldout:g}%, seed {a.owt_seed}).")
     stop = _values(study, lambda c: c["train"].get("stop_on_divergence"))
     if False in stop: notes.append("Every run trained on to `max_steps`, through any divergence, and was evaluated, as in the paper: "
                                    "`unstable` runs (validation spikes above the bound, finite to the end) keep their numbers, "
@@ -446,18 +450,20 @@ def plot_analyses(study: Study, out_dir) -> list[Path]:
     return paths
 
 # %% ../nbs/10_report.ipynb #84fbc217
-AUTHORS_DEFAULTS = {  # option -> (how to read it from config, the authors' code's value)
-    "warmup steps": (lambda c: c["train"].get("warmup_steps"), 1000),
-    "schedule": (lambda c: f"{c['train'].get('schedule', 'cosine')} to {c['train'].get('min_lr', 0)}", "cosine to 0"),
-    "peak lr": (lambda c: c["train"].get("lr"), 6e-4),
-    "weight decay": (lambda c: c["train"].get("weight_decay"), 0.1),
-    "grad clip": (lambda c: c["train"].get("grad_clip"), 1.0),
-    "AdamW betas": (lambda c: tuple(c["train"].get("betas") or ()), (0.9, 0.999)),
-    "dropout": (lambda c: c["train"].get("dropout"), 0.1),
-    "tied LM head": (lambda c: (c["train"].get("model") or {}).get("tie_word_embeddings", True), True),
-    "EOS between documents": (lambda c: c["train"].get("eos"), False),
-    "quantized modules": (lambda c: str((c.get("recipe") or {}).get("modules", "all-linear")), "all-linear"),
+_A = AUTHORS_CODE
+AUTHORS_DEFAULTS = {  # option -> (how to read it from a run's config, the authors' code's value: paper.AUTHORS_CODE)
+    "warmup steps": (lambda c: c["train"].get("warmup_steps"), _A.warmup_steps),
+    "peak lr": (lambda c: c["train"].get("lr"), _A.lr),
+    "weight decay": (lambda c: c["train"].get("weight_decay"), _A.weight_decay),
+    "grad clip": (lambda c: c["train"].get("grad_clip"), _A.grad_clip),
+    "AdamW betas": (lambda c: tuple(c["train"].get("betas") or ()), _A.betas),
+    "dropout": (lambda c: c["train"].get("dropout"), _A.dropout),
+    "sequences per device and pass": (lambda c: c["train"].get("micro_batch_size"), _A.micro_batch),
+    "tied LM head": (lambda c: (c["train"].get("model") or {}).get("tie_word_embeddings", True), _A.tied_head),
+    "EOS between documents": (lambda c: c["train"].get("eos"), _A.eos),
+    "quantized modules": (lambda c: str((c.get("recipe") or {}).get("modules", "all-linear")), _A.modules),
 }
+SCHEDULE = "linear warmup, then cosine to 0"   # what `optim.build_optimizer` does for every run (not an option)
 SETTINGS = ("size", "model", "corpus", "block_size", "batch_size", "max_steps", "precision", "seed")
 
 def _spec(s) -> str:
@@ -540,7 +546,8 @@ def render_summary(study: Study) -> str:
         opts.append([option, _values_text(by), _show(default), "-" if not by else "yes" if set(by) == {_show(default)} else "no"])
     md += ("\n## Training recipe (`config.train`)\n\nWhere the paper is silent, the paper preset follows the authors' code. "
            "The options these runs used, against the authors' code's defaults:\n\n"
-           + _md_table(["option", "used", "authors' code", "authors' default"], opts))
+           + _md_table(["option", "used", "authors' code", "authors' default"], opts)
+           + f"\nLearning-rate schedule: {SCHEDULE} in every run (the authors': {_A.schedule}).\n")
     other = [[k, _values_text(_by_value(study, lambda c, k=k: c["train"].get(k)))] for k in SETTINGS]
     md += "\nOther settings:\n\n" + _md_table(["setting", "used"], other)
     protocol = list(dict.fromkeys(protocol_notes(study, "ppl") + protocol_notes(study, "tasks")))
@@ -565,5 +572,4 @@ def report(study: str, runs_root="papermill_runs", out_root="figures") -> list[P
             write_text(out / f"{t.stem}.{ext}", body)
             paths.append(out / f"{t.stem}.{ext}")
     write_text(out / "summary.md", render_summary(runs))
-    from quantstudy.scorecard import write_scorecard   # here, not at the top: the scorecard imports this module
     return paths + [out / "summary.md", write_scorecard(study, runs_root, out_root)]

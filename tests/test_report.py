@@ -118,10 +118,12 @@ def test_summary(smoke):
     assert f"| baseline | 1 | complete | {res['baseline'].final_val_loss:.2f} | 8 |" in s and "out of memory" in s
     assert s.index("| baseline |") < s.index("| w4-channel |") < s.index("| g4-tensor |")      # the paper's order
     warmup = res["baseline"].config["train"]["warmup_steps"]
-    for line in (f"| warmup steps | {warmup} | 1000 | no |", "| schedule | cosine to 0 | cosine to 0 | yes |",
+    micro = res["baseline"].config["train"]["micro_batch_size"]
+    for line in (f"| warmup steps | {warmup} | 1000 | no |", f"| sequences per device and pass | {micro} | 32 | {'yes' if micro == 32 else 'no'} |",
                  "| weight decay | 0.1 | 0.1 | yes |", "| grad clip | 1 | 1 | yes |", "| AdamW betas | (0.9, 0.999) | (0.9, 0.999) | yes |",
                  "| dropout | 0.1 | 0.1 | yes |", "| tied LM head | yes | yes | yes |", "| EOS between documents | no | no | yes |"):
         assert line in s, line
+    assert "| schedule |" not in s and "Learning-rate schedule: linear warmup, then cosine to 0 in every run" in s   # not an option
     assert "W 8-channel, A 8-token" in s and "PTQ A 4-tensor of baseline" in s
 
 def test_deterministic(results_like, tmp_path):
