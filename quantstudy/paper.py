@@ -22,7 +22,7 @@ PPL_CORPORA, TASKS = tuple(PPL_COLUMNS), tuple(TASK_COLUMNS)
 SEEDS = (42, 1234, 1337, 2024, 1357)   # the authors' few-shot seeds: each task cell is the mean of 5 runs
 NUM_FEWSHOT = 5
 
-# %% ../nbs/00b_paper.ipynb #67782651
+# %% ../nbs/00b_paper.ipynb #f71cf425
 @dataclass(frozen=True)
 class AuthorsCode:
     "Settings the paper leaves to the authors' code, as that code has them."
@@ -145,18 +145,20 @@ FIGURES = (
 # %% ../nbs/00b_paper.ipynb #933cfe35
 @dataclass(frozen=True)
 class AnalysisLayout:
-    "An analysis figure: the `analysis` (a key of `analysis.ANALYSES`), its `figure` label, cross-run `file`, the `runs` it measures and the paper's `settings`."
+    "An analysis figure: the `analysis` (a key of `analysis.ANALYSES`), its `figure` label, its `file` (one run's, and the report's across runs), the `runs` it measures, the paper's `settings`."
     analysis: str
     figure: str
-    file: str | None
+    file: str
     runs: tuple
     settings: dict = field(default_factory=dict)
+    in_report: bool = True   # False: one model's measurement (memory, time), drawn in its run directory only
 
 ANALYSIS_FIGURES = (
-    AnalysisLayout("memory", "Figs. 2, 14, 15", None, ("baseline",),   # GPT-2 small to large, 1024 tokens (needs a GPU)
-                   dict(models=["small", "medium", "large"], batch_sizes=(1, 2, 4, 8, 16), seq_len=1024, seq_lens=(128, 256, 512, 1024), batch_size=4)),
-    AnalysisLayout("linear_time", "Fig. 3", None, ("baseline",),
-                   dict(sizes=["small", "medium", "large", "xl"], seq_lens=(128, 256, 512, 1024, 2048), batch_size=8)),
+    AnalysisLayout("memory", "Figs. 2, 14, 15", "fig02_14_15_memory.png", ("baseline",),   # GPT-2 small to large, 1024 tokens (needs a GPU)
+                   dict(models=["small", "medium", "large"], batch_sizes=(1, 2, 4, 8, 16), seq_len=1024, seq_lens=(128, 256, 512, 1024), batch_size=4),
+                   in_report=False),
+    AnalysisLayout("linear_time", "Fig. 3", "fig03_linear_time.png", ("baseline",),
+                   dict(sizes=["small", "medium", "large", "xl"], seq_lens=(128, 256, 512, 1024, 2048), batch_size=8), in_report=False),
     AnalysisLayout("sharpness", "Fig. 5", "fig05_sharpness.png", ("baseline", *_W)),
     AnalysisLayout("activations", "Fig. 6", "fig06_activations.png", ("baseline", "a4-token", "a4-channel")),
     AnalysisLayout("outliers", "Fig. 8, right", "fig08_right_outliers.png", ("baseline", "a4-channel")),

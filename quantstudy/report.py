@@ -436,7 +436,7 @@ def plot_analyses(study: Study, out_dir) -> list[Path]:
     import matplotlib.pyplot as plt
     paths = []
     for a in ANALYSIS_FIGURES:
-        if a.file is None: continue   # memory and time: one model's, drawn in its run directory
+        if not a.in_report: continue   # memory and time: one model's, drawn in its run directory
         name, file, order = a.analysis, a.file, a.runs
         data = lambda n: (study.first(n).analysis.get(name) or {}).get("data")   # one run per experiment: an analysis is not averaged
         runs = {n: data(n) for n in [*order, *sorted(study.runs)] if n in study and isinstance(data(n), dict)}

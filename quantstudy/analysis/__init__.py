@@ -6,6 +6,7 @@
 from __future__ import annotations
 from pathlib import Path
 from . import activations, gradients, linear_time, memory, second_moment, sharpness
+from ..paper import ANALYSIS_FIGURES
 
 # %% auto #0
 __all__ = ['ANALYSES', 'FIGURE_FILES', 'run_analysis']
@@ -20,9 +21,7 @@ ANALYSES = {
     "gradients": (gradients.gradients, gradients.plot_gradients),                     # Fig. 10
     "second_moment": (second_moment.second_moment, second_moment.plot_second_moment),  # Fig. 12
 }
-FIGURE_FILES = {"memory": "fig02_14_15_memory.png", "linear_time": "fig03_linear_time.png", "sharpness": "fig05_sharpness.png",
-                "activations": "fig06_activations.png", "outliers": "fig08_outliers.png", "gradients": "fig10_gradients.png",
-                "second_moment": "fig12_second_moment.png"}
+FIGURE_FILES = {a.analysis: a.file for a in ANALYSIS_FIGURES}   # the paper's figure names, from `paper` (one run's figure and the report's alike)
 
 def run_analysis(name: str, target=None, out_dir=None, close: bool = False, **kw):
     "Compute analysis `name` on `target` and draw its figure; with `out_dir`, save the figure there. Returns `(data, fig)`."
