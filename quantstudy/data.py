@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import hashlib, json, os, re, sys, time
 import numpy as np, torch
+from .paper import AUTHORS_CODE
 # `datasets` and `pyarrow` are imported where corpora are read, so that training and the GPU check need neither
 from transformers import GPT2TokenizerFast
 
@@ -65,8 +66,8 @@ SPLITS = ("train", "validation", "test")
 ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
            "dev": "validation", "test": "test"}
 DOCS = ("lines", "paragraphs", "jsonl", "json")   # json: JSON lines read by `datasets` (memory-mapped: the full OpenWebText)
-OWT_SEED = 2345   # the authors' seed for the OpenWebText held-out split (nanoGPT uses 2357)
-OWT_HELDOUT = 0.005   # the paper's 0.5% (A.2); the authors' code holds out 0.0005
+OWT_SEED = AUTHORS_CODE.owt_seed   # the authors' seed for the OpenWebText held-out split (nanoGPT uses 2357)
+OWT_HELDOUT = AUTHORS_CODE.owt_heldout_text   # the paper's 0.5% (A.2); the authors' code holds out 0.0005
 
 @dataclass(frozen=True)
 class Corpus:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import math, re
 import torch
+from .paper import AUTHORS_CODE
 
 # %% auto #0
 __all__ = ['BITS', 'GRANULARITIES', 'FLOORS', 'qrange', 'qparams', 'quantize', 'dequantize', 'fake_quantize', 'QuantSpec']
@@ -122,7 +123,7 @@ _AXES = {  # role -> granularity -> axis of the 2-D tensor that keeps its own sc
     "grad":   {"tensor": None, "channel": 1, "token": 0},
     "moment": {"tensor": None, "channel": 0},
 }
-FLOORS = {"weight": 1e-5, "act": 1e-5, "grad": 1e-9, "moment": 1e-8}   # the authors' `minimum_range` of each role
+FLOORS = dict(AUTHORS_CODE.floors)   # the authors' `minimum_range` of each role (stated once, in `paper`)
 
 # %% ../nbs/00_quantizers.ipynb #ff56fa19
 @dataclass(frozen=True)

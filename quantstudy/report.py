@@ -16,10 +16,10 @@ from .scorecard import write_scorecard
 from .study import DIVERGE_NATS, Study, Summary, evaluated, final_loss, load_study, study_dir, summarize, val_curve
 
 # %% auto #0
-__all__ = ['STATS', 'DPI', 'AUTHORS_DEFAULTS', 'SCHEDULE', 'SETTINGS', 'curve_style', 'run_state', 'outcome_detail',
-           'divergence_note', 'row_values', 'TableRow', 'seed_row', 'table_rows', 'paper_cells', 'render_table',
-           'protocol_notes', 'mean_curve', 'plot_validation', 'plot_tasks', 'render_table1', 'plot_analyses',
-           'quant_label', 'render_summary', 'report']
+__all__ = ['STATS', 'DPI', 'AUTHORS_DEFAULTS', 'SETTINGS', 'curve_style', 'run_state', 'outcome_detail', 'divergence_note',
+           'row_values', 'TableRow', 'seed_row', 'table_rows', 'paper_cells', 'render_table', 'protocol_notes',
+           'mean_curve', 'plot_validation', 'plot_tasks', 'render_table1', 'plot_analyses', 'quant_label',
+           'render_summary', 'report']
 
 # %% ../nbs/10_report.ipynb #ab854901
 _COLORS = {"4": "tab:red", "8": "tab:blue"}                     # colour: bits
@@ -463,7 +463,6 @@ AUTHORS_DEFAULTS = {  # option -> (how to read it from a run's config, the autho
     "EOS between documents": (lambda c: c["train"].get("eos"), _A.eos),
     "quantized modules": (lambda c: str((c.get("recipe") or {}).get("modules", "all-linear")), _A.modules),
 }
-SCHEDULE = "linear warmup, then cosine to 0"   # what `optim.build_optimizer` does for every run (not an option)
 SETTINGS = ("size", "model", "corpus", "block_size", "batch_size", "max_steps", "precision", "seed")
 
 def _spec(s) -> str:
@@ -547,7 +546,7 @@ def render_summary(study: Study) -> str:
     md += ("\n## Training recipe (`config.train`)\n\nWhere the paper is silent, the paper preset follows the authors' code. "
            "The options these runs used, against the authors' code's defaults:\n\n"
            + _md_table(["option", "used", "authors' code", "authors' default"], opts)
-           + f"\nLearning-rate schedule: {SCHEDULE} in every run (the authors': {_A.schedule}).\n")
+           + f"\nLearning-rate schedule: {_A.schedule} in every run, as in the authors' code (`optim.make_optimizer`; not an option).\n")
     other = [[k, _values_text(_by_value(study, lambda c, k=k: c["train"].get(k)))] for k in SETTINGS]
     md += "\nOther settings:\n\n" + _md_table(["setting", "used"], other)
     protocol = list(dict.fromkeys(protocol_notes(study, "ppl") + protocol_notes(study, "tasks")))

@@ -173,7 +173,8 @@ def sweep(study: str, executor: str = "local", jobs: int = 1, preset_name: str |
     first, later = _order(names)
     runs = {run_name(n, s): (n, dict(args[n], seed=s)) for n in names for s in seeds}   # run name -> (experiment, its arguments)
     keys = lambda group: [run_name(n, s) for n in group for s in seeds]
-    base_of = {run_name(n, s): run_name(get_experiment(n).base, s) for n in later for s in seeds if get_experiment(n).base in names}
+    bases = {n: get_experiment(n).base for n in later}
+    base_of = {run_name(n, s): run_name(bases[n], s) for n in later for s in seeds if bases[n] in names}
     if executor == "local": results = _sweep_local(keys(first) + keys(later), base_of, jobs, runs, quiet)
     else: results = _sweep_submitit(keys(first), keys(later), runs, "local" if executor == "submitit-local" else "slurm", slurm or {}, kw)
     results = {k: results[k] for k in runs}

@@ -1,7 +1,6 @@
 "The package's import structure: no import cycles, and the description half (config, paper, study, readers) without torch."
 import ast, subprocess, sys
 from pathlib import Path
-import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "quantstudy"
 
