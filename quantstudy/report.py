@@ -239,9 +239,10 @@ def render_table(layout: TableLayout, study: Study) -> tuple[str, str]:
     return md, text
 
 # %% ../nbs/10_report.ipynb #ad0d8a5d
-_FLOORS_NOTE = (f"scale floors (the authors' `minimum_range`): max|x| >= {AUTHORS_CODE.floor('weight'):g} for weights, "
-                f"{AUTHORS_CODE.floor('act'):g} for activations, {AUTHORS_CODE.floor('grad'):g} for gradients, "
-                f"{AUTHORS_CODE.floor('moment'):g} for optimizer states")
+_e = lambda x: f"{x:g}".replace("e-0", "e-")   # 1e-9, as the authors write it (not 1e-09)
+assert AUTHORS_CODE.floor("weight") == AUTHORS_CODE.floor("act")   # the note below says them once
+_FLOORS_NOTE = (f"scale floors (the authors' `minimum_range`): max|x| >= {_e(AUTHORS_CODE.floor('weight'))} for weights and activations, "
+                f"{_e(AUTHORS_CODE.floor('grad'))} for gradients, {_e(AUTHORS_CODE.floor('moment'))} for optimizer states")
 
 def _values(study: Study, get) -> list:
     "The distinct values `get(config)` takes over the runs' configurations (errors and None skipped), in order."
