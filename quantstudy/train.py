@@ -12,7 +12,7 @@ except ImportError:   # only the command line needs fastcore: `train` (and the G
     def call_parse(f):
         if __name__ == "__main__": raise SystemExit("python -m quantstudy.train needs fastcore: pip install fastcore")
         return f
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import TrainConfig, preset
 from .model import Recipe, build_model, save_model
@@ -159,6 +159,18 @@ def last_finite_checkpoint(out_dir) -> Path | None:
     "The newest complete checkpoint of `out_dir` whose weights are all finite, or None."
     return next((p for _, p in sorted(RunDir(out_dir).checkpoints().items(), reverse=True) if finite_weights(p)), None)
 
+def _checkpoint_state(ckpt) -> TrainerState:
+    "The Trainer's state saved in checkpoint `ckpt` (its step and log history)."
+    return TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
+
+def _load_weights(model, ckpt):
+    "Load checkpoint `ckpt`'s weights into `model` (the tied head is the embedding: absent from the file)."
+    from safetensors.torch import load_file
+    state = {k: v for f in sorted(Path(ckpt).glob("*.safetensors")) for k, v in load_file(f).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if unexpected or set(missing) - tied: raise ValueError(f"{ckpt}: weights do not fit the model: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+
 # %% ../nbs/05_train.ipynb #be2d4176
 def _world_size() -> int: return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -209,20 +221,24 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
     bound = cfg.diverge_loss if cfg.diverge_loss is not None else math.log(model.config.vocab_size)
     diverge = DivergenceCallback(bound, cfg.diverge_rise, cfg.diverge_patience, stop=cfg.stop_on_divergence)
     ckpt = resume_checkpoint(out_dir, resume)
+    trained = _checkpoint_state(ckpt) if ckpt else None
+    trained = trained if trained is not None and trained.global_step >= cfg.max_steps else None   # nothing left to train
     trainer = Trainer(model=model, args=training_args(cfg, out_dir, eval_on_start=ckpt is None), train_dataset=train_ds,
                       eval_dataset=val_ds, optimizers=(opt, sched),
                       callbacks=[diverge, *([SnapshotCallback(out_dir, cfg.snapshot_every)] if cfg.snapshot_every else []), *callbacks])
     t0 = time.time()
-    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    if trainer.state.global_step % cfg.eval_every and not diverge.stopped:
-        trainer.evaluate()  # the final point of the validation curve
+    if trained is None: metrics = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None).metrics
+    else:   # resumed at its last step (its hand-off lost): the Trainer would take one more step; only evaluate
+        trainer.state, metrics = trained, {}
+        _load_weights(trainer.model, ckpt)
+    evaluated_steps = {h["step"] for h in trainer.state.log_history if "eval_loss" in h}
+    if trainer.state.global_step not in evaluated_steps and not diverge.stopped:
+        trainer.evaluate()  # the final point of the validation curve (the Trainer takes it itself where max_steps ends its run)
     evaluated = None   # the paper's protocol, after a NaN: the last finite checkpoint is the model that is evaluated
     if diverge.stopped and diverge.nonfinite and not cfg.stop_on_divergence:
         evaluated = last_finite_checkpoint(out_dir)
         if evaluated is not None:
-            from safetensors.torch import load_file
-            state = {k: v for f in sorted(evaluated.glob("*.safetensors")) for k, v in load_file(f).items()}
-            trainer.model.load_state_dict(state, strict=False)   # the tied head is the embedding: absent from the file
+            _load_weights(trainer.model, evaluated)
     reason = (diverge.diverged or {}).get("reason")
     if diverge.stopped and diverge.nonfinite and not cfg.stop_on_divergence:
         reason = (f"{diverge.diverged['nonfinite']['reason']}: " + (f"evaluated at {evaluated.name}, the last checkpoint with finite weights"
@@ -234,7 +250,7 @@ def train(cfg: TrainConfig, out_dir, recipe: Recipe | None = None, resume: bool 
                   evaluated_checkpoint=evaluated.name if evaluated else None,
                   evaluable=not diverge.stopped or evaluated is not None,   # the model at the end is one to evaluate
                   resumed_from=ckpt.name if ckpt else None, curves=curves,
-                  timings=dict(train_seconds=time.time() - t0, **{k: v for k, v in out.metrics.items() if "runtime" in k or "per_second" in k}),
+                  timings=dict(train_seconds=time.time() - t0, **{k: v for k, v in metrics.items() if "runtime" in k or "per_second" in k}),
                   device=str(trainer.args.device), world_size=trainer.args.world_size, bf16=trainer.args.bf16)
     if trainer.is_world_process_zero():
         save_model(trainer.model, out_dir / "model")

@@ -97,3 +97,19 @@ def test_trainer_losses_are_the_mean_cross_entropy(tmp_path):
     args = TrainingArguments(tmp_path, per_device_eval_batch_size=4, report_to=[], use_cpu=True)
     got = Trainer(model=model, args=args, eval_dataset=blocks).evaluate()["eval_loss"]
     assert abs(got - plain) < 1e-5 * plain and abs(got - plain * 15 / 16) > 1e-3   # not the old (T-1)/T
+
+@pytest.mark.parametrize("max_steps,eval_every,save_every", [(8, 4, 4), (12, 8, 6)], ids=["eval-at-end", "eval-after-last-save"])
+def test_a_run_resumed_at_its_last_step_only_evaluates(tiny_config, tmp_path, max_steps, eval_every, save_every):
+    "Issue 19, item 2: a finished run whose hand-off is gone resumes from checkpoint-max_steps: no step 31/30, no second final point."
+    from quantstudy.train import train
+    cfg = tiny_config(max_steps=max_steps, eval_every=eval_every, save_every=save_every)
+    first = train(cfg, tmp_path / "r")
+    weights = load_file(tmp_path / "r/model/model.safetensors")
+    (tmp_path / "r" / "train_result.json").unlink()   # as after deleting a finished run's results.json
+    again = train(cfg, tmp_path / "r")
+    assert all(torch.equal(v, load_file(tmp_path / "r/model/model.safetensors")[k]) for k, v in weights.items())
+    assert again["step"] == first["step"] == max_steps
+    assert again["resumed_from"] == f"checkpoint-{max_steps}"
+    steps = [p["step"] for p in again["curves"]["val"]]
+    assert len(steps) == len(set(steps)) and steps[-1] == max_steps, steps
+    assert again["curves"]["val"] == first["curves"]["val"] and again["curves"]["train"] == first["curves"]["train"]
